@@ -38,6 +38,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["nnunetv2_l1dfl", "nnunetv2_l1dfl.*", "dataset_conversion"]),
+    py_modules=["_nnunetv2_l1dfl_hook"],
     include_package_data=True,
     install_requires=[
         "nnunetv2>=2.8.0",
