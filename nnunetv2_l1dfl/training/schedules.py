@@ -1,0 +1,76 @@
+"""Short training schedules for the demo and the tests, the way nnU-Net users make them.
+
+nnU-Net looks trainers up by name in fresh processes (training, prediction, validation), so a
+custom schedule is a trainer subclass in a folder listed in ``nnUNet_extTrainer``.
+:func:`write_schedule_trainers` writes such a module; the caller passes ``nnUNet_extTrainer=<folder>``
+to its nnU-Net subprocesses (this package's own trainer folder is appended at interpreter start).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Trainers a schedule can be derived from, and the module each lives in.
+BASE_TRAINER_MODULES = {
+    "nnUNetTrainer": "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
+    "nnUNetTrainerDiceLoss": "nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss",
+    "nnUNetTrainerL1DFL": "nnunetv2_l1dfl.training.trainers",
+    "nnUNetTrainerDiceFocal": "nnunetv2_l1dfl.training.trainers",
+}
+
+_CLASS_TEMPLATE = '''
+
+class {name}({base}):
+    """{base} for {num_epochs} epoch(s) of {iterations_per_epoch} iteration(s), {val_iterations} validation iteration(s)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = {num_epochs}
+        self.num_iterations_per_epoch = {iterations_per_epoch}
+        self.num_val_iterations_per_epoch = {val_iterations}
+'''
+
+
+def write_schedule_trainers(
+    folder: str | Path,
+    *,
+    num_epochs: int,
+    iterations_per_epoch: int,
+    val_iterations: int,
+    suffix: str = "demo",
+    bases: tuple[str, ...] = ("nnUNetTrainer", "nnUNetTrainerL1DFL"),
+) -> dict[str, str]:
+    """Write ``<folder>/l1dfl_schedule_trainers_<suffix>.py`` with one short-schedule subclass per base.
+
+    Returns base name -> new trainer name (``<base>_<suffix>``). Raises ValueError for an unknown
+    base, a non-identifier suffix, or counts < 1. Overwrites only its own module file.
+    """
+    if not suffix.isidentifier():
+        raise ValueError(f"suffix must be a Python identifier, got {suffix!r}")
+    for label, value in (("num_epochs", num_epochs), ("iterations_per_epoch", iterations_per_epoch),
+                         ("val_iterations", val_iterations)):
+        if int(value) < 1:
+            raise ValueError(f"{label} must be >= 1, got {value}")
+    unknown = [b for b in bases if b not in BASE_TRAINER_MODULES]
+    if unknown:
+        raise ValueError(f"unknown base trainer(s) {unknown}; choose from {sorted(BASE_TRAINER_MODULES)}")
+
+    lines = [f'"""Short-schedule trainers written by nnunetv2_l1dfl.training.schedules (suffix {suffix!r})."""', "",
+             "import torch", ""]
+    for base in bases:
+        lines.append(f"from {BASE_TRAINER_MODULES[base]} import {base}")
+    names = {}
+    for base in bases:
+        name = f"{base}_{suffix}"
+        names[base] = name
+        lines.append(_CLASS_TEMPLATE.format(name=name, base=base, num_epochs=int(num_epochs),
+                                            iterations_per_epoch=int(iterations_per_epoch),
+                                            val_iterations=int(val_iterations)).rstrip("\n"))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"l1dfl_schedule_trainers_{suffix}.py"
+    tmp = target.with_suffix(".py.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(target)
+    return names
