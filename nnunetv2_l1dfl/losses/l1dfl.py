@@ -224,7 +224,7 @@ def reduce_bin_statistics(
     ddp: bool,
     weighted: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn :class:`BinStatistics` into ``(weighted Dice loss, focal loss)``, both float32 scalars.
+    """Turn :class:`BinStatistics` into ``(weighted Dice loss, focal loss)``, scalars of the compute dtype.
 
     Under DDP (``ddp=True`` and a process group initialized) the counts are all-reduced (detached,
     integers) so every rank weights with the global histogram; the focal sum is divided by
@@ -254,7 +254,8 @@ def reduce_bin_statistics(
     if distributed:
         n_elements = n_elements / torch.distributed.get_world_size()
     focal_loss = stats.focal_sum / n_elements.clamp_min(1.0)
-    return dice_loss.float(), focal_loss.float()
+    out_dtype = stats.intersection.dtype  # float32, or float64 for float64 logits
+    return dice_loss.to(out_dtype), focal_loss.to(out_dtype)
 
 
 class L1DFLLoss(nn.Module):
@@ -276,7 +277,8 @@ class L1DFLLoss(nn.Module):
 
     Shapes: ``logits`` (B, C, X, Y[, Z]) in any float dtype (computed in float32, float64 kept);
     ``target`` (B, 1, ...) integer label map in [0, C) plus the ignore label, or (B, R[+1], ...)
-    for regions. Returns a float32 scalar. Background is included in the Dice mean.
+    for regions. Returns a float32 scalar (float64 for float64 logits). Background is included in
+    the Dice mean.
     """
 
     def __init__(
