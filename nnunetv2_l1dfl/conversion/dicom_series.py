@@ -1,0 +1,348 @@
+"""Find DICOM series under a folder of any nesting and read image series into SimpleITK volumes.
+
+``discover_series`` reads headers only and groups files by SeriesInstanceUID; files that are not
+DICOM or lack the identifying attributes are returned with the reason instead of stopping the walk.
+``load_slice_stack`` (used by ``read_ct_hu`` and the PET reader in ``suv``) sorts single-frame slices
+along the slice normal by ImagePositionPatient, checks that they form one regular volume and applies
+each slice's own RescaleSlope / RescaleIntercept in float32: SimpleITK's series reader takes the
+pixel type and rescale from the first slice and can truncate the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pydicom
+    import SimpleITK as sitk
+
+logger = logging.getLogger(__name__)
+
+# SimpleITK metadata key under which the readers store the FrameOfReferenceUID (0020,0052) of the
+# image they return, so mask readers can check that contours belong to the same frame of reference.
+FRAME_OF_REFERENCE_KEY = "0020|0052"
+
+# Tolerances of the geometry checks: orientation cosines, and slice gaps relative to the spacing.
+ORIENTATION_TOL = 1e-4
+SLICE_GAP_REL_TOL = 0.01
+DEFER_BYTES = 1024  # values longer than this (pixel data) are not read during discovery
+
+
+class DicomSeriesError(ValueError):
+    """A series that cannot be read as one volume; the message names the file and the attribute."""
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series found on disk (headers only).
+
+    files: every instance of the series, sorted by path. referenced_series_uids: for RTSTRUCT and
+    SEG, the SeriesInstanceUIDs of the image series they were drawn on; ``()`` otherwise.
+    Empty strings stand for absent attributes.
+    """
+
+    series_instance_uid: str
+    modality: str
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    patient_id: str
+    patient_name: str
+    study_date: str
+    series_description: str
+    files: tuple[Path, ...]
+    referenced_series_uids: tuple[str, ...]
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _referenced_series(ds: pydicom.Dataset) -> list[str]:
+    """Image series an RTSTRUCT or SEG refers to, in order of appearance, without repeats."""
+    uids: list[str] = []
+    if ds.get("Modality") == "RTSTRUCT":
+        for frame_ref in ds.get("ReferencedFrameOfReferenceSequence", []):
+            for study in frame_ref.get("RTReferencedStudySequence", []):
+                for series in study.get("RTReferencedSeriesSequence", []):
+                    uids.append(_text(series, "SeriesInstanceUID"))
+    for series in ds.get("ReferencedSeriesSequence", []):  # SEG and other derived objects
+        uids.append(_text(series, "SeriesInstanceUID"))
+    return list(dict.fromkeys(u for u in uids if u))
+
+
+def _frame_of_reference(ds: pydicom.Dataset) -> str:
+    uid = _text(ds, "FrameOfReferenceUID")
+    if not uid:  # RTSTRUCT keeps it in ReferencedFrameOfReferenceSequence (3006,0010)
+        for frame_ref in ds.get("ReferencedFrameOfReferenceSequence", []):
+            uid = _text(frame_ref, "FrameOfReferenceUID")
+            if uid:
+                break
+    return uid
+
+
+def _truncation_problem(ds: pydicom.Dataset, path: Path) -> str:
+    """Why a file that pydicom parsed is nevertheless cut short ('' when it looks whole).
+
+    pydicom stops quietly at the end of a truncated file, so an interrupted copy parses as a
+    dataset that lacks its last elements: an image (Rows present) must end with its pixel data,
+    and the pixel data must fit in the file.
+    """
+    if len(ds) == 0:
+        return "not readable as DICOM: no data elements"
+    if "Rows" not in ds:
+        return ""
+    pixel_tags = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+    present = [keyword for keyword in pixel_tags if keyword in ds]
+    if not present:
+        return "truncated or incomplete: image without pixel data (7FE0,0010)"
+    raw = ds.get_item(present[0])
+    length = getattr(raw, "length", None)
+    tell = getattr(raw, "value_tell", None)
+    if length is not None and tell is not None and length != 0xFFFFFFFF:
+        if tell + length > path.stat().st_size:
+            return f"truncated: pixel data (7FE0,0010) needs {tell + length} bytes, the file has {path.stat().st_size}"
+    return ""
+
+
+def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSeries], list[tuple[Path, str]]]:
+    """Group every DICOM file under ``root`` (any nesting, symlinks not followed) into series.
+
+    Reads headers only (values over 1 KiB such as pixel data are deferred, never read). Returns the series sorted by patient ID, study
+    date, StudyInstanceUID, modality and SeriesInstanceUID, and ``(file, reason)`` for each file
+    that was skipped: not DICOM, unreadable or truncated (a corrupt file is reported, never fatal), no
+    SeriesInstanceUID (0020,000E) (e.g. DICOMDIR), or a second copy of an SOPInstanceUID already
+    seen in the series (the first path in sorted order is kept).
+    """
+    import pydicom
+    from tqdm import tqdm
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"DICOM input folder not found: {root}")
+    paths = sorted(
+        Path(folder) / name for folder, _, names in os.walk(root) for name in names
+    )
+    skipped: list[tuple[Path, str]] = []
+    headers: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    for path in tqdm(paths, desc="reading DICOM headers", unit="file", disable=not progress):
+        # pydicom warns about malformed values; a file that gets skipped carries the first warning.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                # Pixel data is deferred (not read), but its element header is, to catch truncated files.
+                ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
+                problem = _truncation_problem(ds, path)
+                uid = _text(ds, "SeriesInstanceUID")
+            except Exception as e:  # pydicom raises many types on corrupt input; each is a skip reason
+                skipped.append((path, f"not readable as DICOM: {type(e).__name__}: {e}"))
+                continue
+        if not problem and not uid:
+            problem = "no SeriesInstanceUID (0020,000E) (not an image/RTSTRUCT/SEG instance)"
+        if problem:
+            note = f" (pydicom: {caught[0].message})" if caught else ""
+            skipped.append((path, problem + note))
+            continue
+        for warning in caught:
+            logger.debug("%s: %s", path, warning.message)
+        headers.setdefault(uid, []).append((path, ds))
+
+    series: list[DicomSeries] = []
+    for uid, members in headers.items():
+        first_path, first = members[0]
+        seen: dict[str, Path] = {}
+        files: list[Path] = []
+        for path, ds in members:
+            sop = _text(ds, "SOPInstanceUID")
+            if sop and sop in seen:
+                skipped.append((path, f"duplicate SOPInstanceUID (0008,0018) {sop} of {seen[sop]}"))
+                continue
+            if _text(ds, "Modality") != _text(first, "Modality"):
+                skipped.append(
+                    (path, f"Modality (0008,0060) {_text(ds, 'Modality')!r} differs from "
+                     f"{_text(first, 'Modality')!r} of {first_path} in series {uid}")
+                )  # fmt: skip
+                continue
+            seen[sop] = path
+            files.append(path)
+        referenced = list(dict.fromkeys(u for _, ds in members for u in _referenced_series(ds)))
+        series.append(
+            DicomSeries(
+                series_instance_uid=uid,
+                modality=_text(first, "Modality"),
+                study_instance_uid=_text(first, "StudyInstanceUID"),
+                frame_of_reference_uid=_frame_of_reference(first),
+                patient_id=_text(first, "PatientID"),
+                patient_name=_text(first, "PatientName"),
+                study_date=_text(first, "StudyDate"),
+                series_description=_text(first, "SeriesDescription"),
+                files=tuple(files),
+                referenced_series_uids=tuple(referenced),
+            )
+        )
+    series.sort(
+        key=lambda s: (s.patient_id, s.study_date, s.study_instance_uid, s.modality, s.series_instance_uid)
+    )
+    for path, reason in skipped:
+        logger.info("skipped %s: %s", path, reason)
+    return series, skipped
+
+
+@dataclass
+class SliceStack:
+    """Single-frame slices of one series sorted along the slice normal, read as one volume.
+
+    datasets: full pydicom datasets in slice order. array: (z, y, x) float32 after each slice's
+    RescaleSlope/RescaleIntercept. spacing (x, y, z) mm, origin (mm, centre of the first voxel),
+    direction (row cosine, column cosine, normal as columns, row-major 9-tuple): SimpleITK's order.
+    """
+
+    datasets: list[pydicom.Dataset]
+    files: list[Path]
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    def to_image(self, array: np.ndarray | None = None) -> sitk.Image:
+        """A SimpleITK image of ``array`` (default: ``self.array``) on this stack's grid.
+
+        The image carries the FrameOfReferenceUID under the metadata key ``0020|0052``.
+        """
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(self.array if array is None else array)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        frame_of_reference = _text(self.datasets[0], "FrameOfReferenceUID")
+        if frame_of_reference:
+            image.SetMetaData(FRAME_OF_REFERENCE_KEY, frame_of_reference)
+        return image
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, tag: str, path: Path, count: int) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None or len(value) != count:
+        raise DicomSeriesError(f"{path}: {keyword} {tag} missing or without {count} values")
+    return np.asarray([float(v) for v in value], dtype=np.float64)
+
+
+def load_slice_stack(files: Sequence[Path], what: str = "series") -> SliceStack:
+    """Read single-frame slices into one regular volume, each slice with its own rescale.
+
+    Checks (each error names the offending file): one ImageOrientationPatient (0020,0037), Rows,
+    Columns and PixelSpacing (0028,0030) for all slices; no two slices at the same position along
+    the normal; positions along the normal (no gantry tilt); even slice spacing (within 1 %, so a
+    missing slice is an error rather than a stretched volume). Multi-frame (enhanced) objects are
+    not supported. ``what`` names the series in messages (e.g. the case ID).
+    """
+    import pydicom
+
+    if not files:
+        raise DicomSeriesError(f"{what}: no files")
+    datasets, paths = [], []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise DicomSeriesError(
+                f"{path}: multi-frame image (NumberOfFrames (0028,0008) = {ds.NumberOfFrames}); "
+                "only single-frame slice series are supported"
+            )
+        datasets.append(ds)
+        paths.append(Path(path))
+
+    first, first_path = datasets[0], paths[0]
+    iop = _floats(first, "ImageOrientationPatient", "(0020,0037)", first_path, 6)
+    row_cos, col_cos = iop[:3], iop[3:]
+    normal = np.cross(row_cos, col_cos)
+    pixel_spacing = _floats(first, "PixelSpacing", "(0028,0030)", first_path, 2)  # between rows, columns
+    shape = (int(first.Rows), int(first.Columns))
+    positions = []
+    for ds, path in zip(datasets, paths):
+        if np.abs(_floats(ds, "ImageOrientationPatient", "(0020,0037)", path, 6) - iop).max() > ORIENTATION_TOL:
+            raise DicomSeriesError(
+                f"{path}: ImageOrientationPatient (0020,0037) differs from {first_path} in the same {what}"
+            )
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            raise DicomSeriesError(f"{path}: Rows/Columns {ds.Rows}x{ds.Columns} differ from {first_path} {shape}")
+        if np.abs(_floats(ds, "PixelSpacing", "(0028,0030)", path, 2) - pixel_spacing).max() > 1e-4:
+            raise DicomSeriesError(f"{path}: PixelSpacing (0028,0030) differs from {first_path}")
+        positions.append(_floats(ds, "ImagePositionPatient", "(0020,0032)", path, 3))
+    along = np.array([float(np.dot(normal, p)) for p in positions])
+    order = np.argsort(along, kind="stable")
+    datasets = [datasets[i] for i in order]
+    paths = [paths[i] for i in order]
+    positions = [positions[i] for i in order]
+    along = along[order]
+
+    if len(datasets) > 1:
+        gaps = np.diff(along)
+        for i, gap in enumerate(gaps):
+            if gap < 1e-3:
+                raise DicomSeriesError(
+                    f"{paths[i + 1]}: same ImagePositionPatient (0020,0032) along the normal as {paths[i]} "
+                    f"({what}: duplicate slice, or a dynamic/gated series with several frames per position)"
+                )
+        slice_spacing = float(np.median(gaps))
+        for i, gap in enumerate(gaps):
+            if abs(gap - slice_spacing) > SLICE_GAP_REL_TOL * slice_spacing:
+                raise DicomSeriesError(
+                    f"{paths[i + 1]}: {gap:.3f} mm from the previous slice {paths[i]}, but the {what} has "
+                    f"{slice_spacing:.3f} mm spacing (missing slice or uneven spacing)"
+                )
+        for p, path in zip(positions, paths):
+            offset = p - positions[0]
+            in_plane = offset - np.dot(offset, normal) * normal
+            if np.linalg.norm(in_plane) > 0.01 * slice_spacing + 1e-3:
+                raise DicomSeriesError(
+                    f"{path}: ImagePositionPatient (0020,0032) is not on the slice normal of {paths[0]} "
+                    f"(gantry tilt or shifted slice in the {what}); resample it first"
+                )
+    else:
+        slice_spacing = float(first.get("SliceThickness") or 1.0)
+
+    array = np.empty((len(datasets),) + shape, dtype=np.float32)
+    for k, (ds, path) in enumerate(zip(datasets, paths)):
+        try:
+            pixels = ds.pixel_array
+        except Exception as e:
+            raise DicomSeriesError(f"{path}: cannot decode the pixel data: {e}") from e
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        array[k] = (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
+
+    direction = np.stack([row_cos, col_cos, normal], axis=1)  # columns: x, y, z axes
+    return SliceStack(
+        datasets=datasets,
+        files=paths,
+        array=array,
+        spacing=(float(pixel_spacing[1]), float(pixel_spacing[0]), slice_spacing),
+        origin=tuple(float(v) for v in positions[0]),
+        direction=tuple(float(v) for v in direction.ravel()),
+    )
+
+
+def read_ct_hu(series: DicomSeries | Sequence[Path]) -> sitk.Image:
+    """Read a CT series as a float32 SimpleITK image in Hounsfield units.
+
+    Each slice's RescaleSlope (0028,1053) and RescaleIntercept (0028,1052) are applied; slices are
+    sorted along the normal by ImagePositionPatient. Raises ``DicomSeriesError`` naming the file on
+    inconsistent geometry (see ``load_slice_stack``). The image carries the FrameOfReferenceUID
+    under the metadata key ``0020|0052``.
+    """
+    files = series.files if isinstance(series, DicomSeries) else list(series)
+    what = f"CT series {series.series_instance_uid}" if isinstance(series, DicomSeries) else "CT series"
+    stack = load_slice_stack(files, what=what)
+    modality = _text(stack.datasets[0], "Modality")
+    if modality and modality != "CT":
+        logger.warning("%s: Modality (0008,0060) is %r, read as CT in HU anyway", stack.files[0], modality)
+    return stack.to_image()

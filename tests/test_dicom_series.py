@@ -1,0 +1,115 @@
+"""Series discovery in nested folders, and CT reading with per-slice rescale and geometry checks."""
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from _dicom_factories import write_ct_series, write_pet_series, write_rtstruct, write_seg
+
+from nnunetv2_l1dfl.conversion.dicom_series import DicomSeriesError, discover_series, read_ct_hu
+
+ROTATED = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0)  # rows run along +y, columns along -x
+
+
+@pytest.fixture(scope="module")
+def dicom_tree(tmp_path_factory):
+    """Two patients; patient A with PET, CT, RTSTRUCT and SEG in nested folders (one with a space),
+    plus a corrupt file, a text file, a DICOM without SeriesInstanceUID and a duplicated slice."""
+    root = tmp_path_factory.mktemp("dicom_tree")
+    study, frame = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    pet = write_pet_series(
+        root / "A" / "2024-01-01 PET CT" / "pet", np.ones((4, 8, 8)) * 1000, patient_id="A",
+        study_uid=study, frame_of_reference_uid=frame,
+    )  # fmt: skip
+    write_ct_series(root / "A" / "2024-01-01 PET CT" / "ct", np.zeros((5, 10, 10)), patient_id="A",
+                    study_uid=study, frame_of_reference_uid=frame)  # fmt: skip
+    mask = np.zeros((4, 8, 8), bool)
+    mask[1:3, 2:5, 2:5] = True
+    write_rtstruct(root / "A" / "rs" / "rs.dcm", pet, {"lesion": mask})
+    write_seg(root / "A" / "seg" / "deep" / "seg.dcm", pet, {"lesion": mask})
+    write_pet_series(root / "B" / "pet", np.ones((3, 8, 8)), patient_id="B", study_date="20230101")
+    (root / "A" / "corrupt.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\xff\x13garbage" * 3)
+    whole = pet[2].read_bytes()
+    (root / "A" / "interrupted_copy.dcm").write_bytes(whole[: len(whole) - 40])  # cut inside the pixel data
+    (root / "notes.txt").write_text("not DICOM")
+    ds = pydicom.dcmread(pet[0])
+    del ds.SeriesInstanceUID
+    ds.save_as(root / "A" / "no_series_uid.dcm")
+    shutil.copy(pet[1], root / "A" / "copy_of_pet_001.dcm")
+    return root, pet
+
+
+def test_discover_groups_series_and_reports_bad_files(dicom_tree):
+    root, pet = dicom_tree
+    series, skipped = discover_series(root)
+    assert [(s.patient_id, s.modality, len(s.files)) for s in series] == [
+        ("A", "CT", 5), ("A", "PT", 4), ("A", "RTSTRUCT", 1), ("A", "SEG", 1), ("B", "PT", 3),
+    ]  # fmt: skip
+    by_modality = {s.modality: s for s in series if s.patient_id == "A"}
+    pet_uid = by_modality["PT"].series_instance_uid
+    assert by_modality["RTSTRUCT"].referenced_series_uids == (pet_uid,)
+    assert by_modality["SEG"].referenced_series_uids == (pet_uid,)
+    assert by_modality["PT"].referenced_series_uids == ()
+    assert by_modality["RTSTRUCT"].frame_of_reference_uid == by_modality["PT"].frame_of_reference_uid != ""
+    assert by_modality["PT"].files == tuple(sorted(by_modality["PT"].files))
+    assert set(by_modality["PT"].files) == set(pet)  # the duplicate copy is not counted twice
+    reasons = {p.name: r for p, r in skipped}
+    assert set(reasons) == {
+        "corrupt.dcm", "interrupted_copy.dcm", "notes.txt", "no_series_uid.dcm", "copy_of_pet_001.dcm"
+    }  # fmt: skip
+    assert reasons["notes.txt"].startswith("not readable as DICOM")
+    assert reasons["interrupted_copy.dcm"].startswith("truncated: pixel data (7FE0,0010)")
+    assert "SeriesInstanceUID (0020,000E)" in reasons["no_series_uid.dcm"]
+    assert "duplicate SOPInstanceUID" in reasons["copy_of_pet_001.dcm"] and "pet_001.dcm" in reasons["copy_of_pet_001.dcm"]
+    assert discover_series(root)[0] == series  # deterministic
+
+
+def test_discover_rejects_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        discover_series(tmp_path / "nowhere")
+
+
+def test_read_ct_hu_applies_each_slices_rescale_in_any_file_order(tmp_path):
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 2000, size=(6, 9, 7)).astype(np.float64)
+    slopes = [1.0, 0.5, 2.0, 1.0, 1.0, 0.25]
+    intercepts = [-1024.0, -1000.0, -2048.0, 0.0, -1024.0, -500.0]
+    hu = np.round((hu - np.array(intercepts)[:, None, None]) / np.array(slopes)[:, None, None]) * np.array(
+        slopes
+    )[:, None, None] + np.array(intercepts)[:, None, None]  # representable exactly with each slice's rescale
+    files = write_ct_series(tmp_path, hu, (0.8, 0.9, 2.5), (10.0, -20.0, 30.0), orientation=ROTATED,
+                            rescale_slope=slopes, rescale_intercept=intercepts)  # fmt: skip
+    image = read_ct_hu(list(reversed(files)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), hu.astype(np.float32))
+    assert image.GetPixelID() == sitk.sitkFloat32
+    assert image.GetSpacing() == pytest.approx((0.8, 0.9, 2.5))
+    assert image.GetOrigin() == pytest.approx((10.0, -20.0, 30.0))
+    assert image.GetDirection() == pytest.approx((0, -1, 0, 1, 0, 0, 0, 0, 1))
+    assert image.GetMetaData("0020|0052") == str(pydicom.dcmread(files[0]).FrameOfReferenceUID)
+    # SimpleITK's own reader agrees on the geometry (direction and voxel positions).
+    reference = sitk.ReadImage([str(f) for f in files])
+    assert reference.GetDirection() == pytest.approx(image.GetDirection())
+    assert reference.TransformIndexToPhysicalPoint((3, 4, 5)) == pytest.approx(image.TransformIndexToPhysicalPoint((3, 4, 5)))
+
+
+def test_read_ct_hu_names_the_file_on_inconsistent_geometry(tmp_path):
+    files = write_ct_series(tmp_path / "gap", np.zeros((5, 4, 4)))
+    files[2].unlink()
+    with pytest.raises(DicomSeriesError, match=r"ct_003\.dcm.*missing slice"):
+        read_ct_hu([f for f in files if f.exists()])
+
+    files = write_ct_series(tmp_path / "spacing", np.zeros((3, 4, 4)))
+    ds = pydicom.dcmread(files[1])
+    ds.PixelSpacing = [2.0, 2.0]
+    ds.save_as(files[1])
+    with pytest.raises(DicomSeriesError, match=r"ct_001\.dcm: PixelSpacing \(0028,0030\)"):
+        read_ct_hu(files)
+
+    files = write_ct_series(tmp_path / "duplicate", np.zeros((3, 4, 4)))
+    ds = pydicom.dcmread(files[2])
+    ds.ImagePositionPatient = pydicom.dcmread(files[1]).ImagePositionPatient
+    ds.save_as(files[2])
+    with pytest.raises(DicomSeriesError, match=r"same ImagePositionPatient \(0020,0032\)"):
+        read_ct_hu(files)

@@ -1,0 +1,172 @@
+"""RTSTRUCT rasterization (IBSI DROs and synthetic contours), DICOM SEG and NIfTI masks."""
+
+import logging
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from _dicom_factories import write_pet_series, write_rtstruct, write_seg
+from scipy import ndimage
+
+from nnunetv2_l1dfl.conversion.dicom_series import load_slice_stack
+from nnunetv2_l1dfl.conversion.masks import (
+    MaskError,
+    list_rtstruct_rois,
+    rasterize_rtstruct,
+    read_dicom_seg,
+    read_nifti_mask,
+)
+from nnunetv2_l1dfl.conversion.suv import read_pet_suv
+
+DROS = ["DRO_0_0", "DRO_1_0", "DRO_2_0", "DRO_2_4", "DRO_2_5", "DRO_3_0",
+        "DRO_3_1", "DRO_3_2", "DRO_3_3", "DRO_3_4", "DRO_4_0", "DRO_4_2"]  # fmt: skip
+ROTATED = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("dro", DROS)
+def test_dro_rtstruct_rasterizes_to_the_dro_mask(ibsi_dro_dir, dro):
+    """The DRO's contours lie about one voxel inside its mask and cover its slices 2..17, while
+    DRO_mask.nii.gz also holds slices 1 and 18 and the outer voxel ring: no planar rasterization of
+    these contours can give the mask exactly. What is asserted, exactly, per DRO:
+    - nothing outside the mask; the two end slices of the mask (no contours there) are empty;
+    - on every contoured slice, mask voxels >= 2 voxels from the mask's edge (2D Euclidean distance
+      transform) are all inside, the edge voxels (distance 1) all outside, and only the voxels at
+      sqrt(2), through whose centres the contour runs, may go either way;
+    - SUV min / median / max inside the rasterized ROI equal those inside the mask (0.5 %).
+    """
+    pet = read_pet_suv(ibsi_dro_dir / dro / "PT", case_id=dro)
+    rs_path = next((ibsi_dro_dir / dro / "RS").glob("*.dcm"))
+    assert list_rtstruct_rois(rs_path) == ["region_1"]
+    with pytest.raises(MaskError, match="ROIs available: 'region_1'"):
+        rasterize_rtstruct(rs_path, pet.image)  # the default pattern looks for "lesion"
+    image, used = rasterize_rtstruct(rs_path, pet.image, roi_pattern="region")
+    assert used == ["region_1"]
+    rasterized = sitk.GetArrayFromImage(image).astype(bool)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(ibsi_dro_dir / dro / "mask" / "DRO_mask.nii.gz"))) > 0
+
+    assert not np.any(rasterized & ~mask)
+    mask_slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    assert not rasterized[mask_slices[[0, -1]]].any()
+    contoured = np.flatnonzero(rasterized.any(axis=(1, 2)))
+    np.testing.assert_array_equal(contoured, mask_slices[1:-1])
+    for z in contoured:
+        distance = ndimage.distance_transform_edt(mask[z])
+        assert rasterized[z][distance >= 2].all(), z
+        assert not rasterized[z][(distance > 0) & (distance < 1.2)].any(), z
+        assert set(np.unique(distance[mask[z] != rasterized[z]])) <= {1.0, np.sqrt(2.0)}, z
+
+    suv = sitk.GetArrayFromImage(pet.image)
+    inside_rs, inside_mask = suv[rasterized], suv[mask]
+    for statistic in (np.min, np.median, np.max):
+        assert statistic(inside_rs) == pytest.approx(statistic(inside_mask), rel=0.005)
+
+
+@pytest.fixture
+def pet_grid(tmp_path):
+    """A small rotated PET series and its SimpleITK image (with the FrameOfReferenceUID)."""
+    files = write_pet_series(tmp_path / "pet", np.full((8, 20, 18), 1000.0), (2.0, 2.5, 3.0),
+                             (-7.0, 11.0, -30.0), orientation=ROTATED)  # fmt: skip
+    return files, load_slice_stack(files).to_image()
+
+
+def _shapes():
+    lesion = np.zeros((8, 20, 18), bool)
+    lesion[2:6, 4:14, 3:12] = True
+    lesion[3:5, 7:10, 6:9] = False  # a hole: an inner contour
+    small = np.zeros_like(lesion)
+    small[6, 16:18, 14:16] = True
+    small[7, 17, 15] = True
+    organ = np.zeros_like(lesion)
+    organ[:, :3, :] = True
+    return lesion, small, organ
+
+
+def test_rtstruct_round_trip_is_exact_with_holes_and_selection(tmp_path, pet_grid):
+    files, reference = pet_grid
+    lesion, small, organ = _shapes()
+    rs = write_rtstruct(tmp_path / "rs.dcm", files, {"Lesion 1": lesion, "GTV_lesion_2": small, "Liver": organ})
+    assert list_rtstruct_rois(rs) == ["Lesion 1", "GTV_lesion_2", "Liver"]
+
+    image, used = rasterize_rtstruct(rs, reference)
+    assert used == ["Lesion 1", "GTV_lesion_2"]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), (lesion | small).astype(np.uint8))
+    assert image.GetPixelID() == sitk.sitkUInt8
+    assert image.GetDirection() == reference.GetDirection() and image.GetOrigin() == reference.GetOrigin()
+
+    image, used = rasterize_rtstruct(rs, reference, roi_labels={"liver": 3, r"lesion 1$": 1, "lesion": 2})
+    expected = np.where(organ, 3, 0) + np.where(lesion, 1, 0) + np.where(small, 2, 0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+    assert used == ["Lesion 1", "GTV_lesion_2", "Liver"]
+
+    with pytest.raises(MaskError, match=r"no ROI name matches 'tumou\?r'.*'Lesion 1', 'GTV_lesion_2', 'Liver'"):
+        rasterize_rtstruct(rs, reference, roi_pattern="tumou?r")
+
+
+def test_rtstruct_of_another_frame_of_reference_is_refused(tmp_path, pet_grid, caplog):
+    files, reference = pet_grid
+    lesion, _, _ = _shapes()
+    other = pydicom.uid.generate_uid()
+    rs = write_rtstruct(tmp_path / "rs.dcm", files, {"lesion": lesion}, frame_of_reference_uid=other)
+    expected = reference.GetMetaData("0020|0052")
+    with pytest.raises(MaskError, match=rf"FrameOfReferenceUID \(0020,0052\) {other} differs .*{expected}"):
+        rasterize_rtstruct(rs, reference)
+    bare = sitk.Image(reference)  # no FrameOfReferenceUID to compare with: rasterized, with a warning
+    for key in bare.GetMetaDataKeys():
+        bare.EraseMetaData(key)
+    with caplog.at_level(logging.WARNING):
+        image, _ = rasterize_rtstruct(rs, bare)
+    assert "not checked" in caplog.text
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), lesion.astype(np.uint8))
+
+
+def test_dicom_seg_round_trip_selection_and_other_grid(tmp_path, pet_grid):
+    files, reference = pet_grid
+    lesion, small, _ = _shapes()
+    seg = write_seg(tmp_path / "seg.dcm", files, {"primary lesion": lesion, "node": small})
+    assert pydicom.dcmread(seg).NumberOfFrames < 2 * 8  # empty frames were left out of the file
+
+    merged = read_dicom_seg(seg, reference)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(merged), (lesion | small).astype(np.uint8))
+    assert merged.GetOrigin() == reference.GetOrigin() and merged.GetDirection() == reference.GetDirection()
+    numbered = read_dicom_seg(seg, reference, keep_segment_numbers=True)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(numbered), np.where(small, 2, 0) + np.where(lesion, 1, 0))
+    only_node = read_dicom_seg(seg, reference, segment_pattern="NODE")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(only_node), small.astype(np.uint8))
+    with pytest.raises(MaskError, match=r"1: 'primary lesion', 2: 'node'"):
+        read_dicom_seg(seg, reference, segment_pattern="liver")
+
+    # Onto a grid twice as fine in-plane: every fine voxel centre inside a coarse lesion voxel is set.
+    fine = sitk.Image([36, 40, 8], sitk.sitkFloat32)
+    fine.SetSpacing((1.0, 1.25, 3.0))
+    fine.SetDirection(reference.GetDirection())
+    fine.SetOrigin(reference.TransformContinuousIndexToPhysicalPoint((-0.25, -0.25, 0.0)))
+    fine.SetMetaData("0020|0052", reference.GetMetaData("0020|0052"))
+    on_fine = sitk.GetArrayFromImage(read_dicom_seg(seg, fine))
+    np.testing.assert_array_equal(on_fine, np.repeat(np.repeat(lesion | small, 2, axis=1), 2, axis=2).astype(np.uint8))
+
+
+def test_nifti_mask_same_grid_other_grid_and_bad_values(tmp_path, pet_grid):
+    _, reference = pet_grid
+    lesion, _, _ = _shapes()
+    as_float = sitk.GetImageFromArray(lesion.astype(np.float32))
+    as_float.CopyInformation(reference)
+    as_float.SetOrigin(tuple(np.add(reference.GetOrigin(), 1e-5)))  # NIfTI float round-off
+    sitk.WriteImage(as_float, str(tmp_path / "mask.nii.gz"))
+    mask = read_nifti_mask(tmp_path / "mask.nii.gz", reference)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), lesion.astype(np.uint8))
+    assert mask.GetOrigin() == reference.GetOrigin() and mask.GetPixelID() == sitk.sitkUInt8
+
+    shifted = sitk.GetImageFromArray(lesion.astype(np.uint8))
+    shifted.CopyInformation(reference)
+    shifted.SetOrigin(reference.TransformIndexToPhysicalPoint((1, 0, 0)))  # one voxel along x
+    sitk.WriteImage(shifted, str(tmp_path / "shifted.nii.gz"))
+    moved = sitk.GetArrayFromImage(read_nifti_mask(tmp_path / "shifted.nii.gz", reference))
+    expected = np.zeros_like(lesion)
+    expected[:, :, 1:] = lesion[:, :, :-1]
+    np.testing.assert_array_equal(moved, expected.astype(np.uint8))
+
+    as_float.SetOrigin(reference.GetOrigin())
+    sitk.WriteImage(as_float * 0.5, str(tmp_path / "soft.nii.gz"))
+    with pytest.raises(MaskError, match=r"soft.nii.gz: label values must be integers"):
+        read_nifti_mask(tmp_path / "soft.nii.gz", reference)
