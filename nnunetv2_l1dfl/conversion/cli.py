@@ -1,0 +1,401 @@
+"""``l1dfl convert {dicom,autopet,nifti,hecktor}``, ``l1dfl suv`` and ``l1dfl splits``.
+
+Each converter lives in ``dataset_conversion/`` with a ``convert_...()`` function, an
+``add_arguments(parser)`` for its own options and a ``run(args) -> exit code``; this module adds
+the options every converter shares and turns a :class:`ConversionSummary` into the printed report
+and the exit code. Heavy libraries are imported inside functions so ``l1dfl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import import_module
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nnunetv2_l1dfl.conversion.dataset import ConversionSummary, DatasetSpec
+
+logger = logging.getLogger(__name__)
+
+# Kept in step with nnunetv2_l1dfl.conversion.dataset (not imported here to keep --help fast;
+# tests/test_conversion_dataset.py checks they agree).
+PET_NORM_CHOICES = ("CT", "noNorm", "zscore")
+DEFAULT_PET_NORM = "CT"
+
+PET_NORM_HELP = (
+    "nnU-Net normalization of the PET channel, chosen through its channel name (default: CT). "
+    "'CT': one global clip (0.5/99.5th percentile of SUV inside the labels) and one global "
+    "mean/std for the whole dataset, so absolute SUV stays comparable between patients (as the "
+    "autoPET III winner did); the default because SUV is quantitative and this keeps it while "
+    "giving the network nnU-Net's usual input scale. 'noNorm': raw SUVbw, as in the L1DFL paper. "
+    "'zscore': per-image mean/std, which throws absolute SUV away. CT is always channel 0000 (HU), "
+    "PET channel 0001 (SUVbw); dataset.json records both under 'channel_modalities'."
+)
+
+CONVERTERS = {
+    # subcommand: (module, one-line help)
+    "dicom": (
+        "dataset_conversion.dicom_petct",
+        "institutional DICOM: PET + CT series with RTSTRUCT, SEG or NIfTI lesion masks",
+    ),
+    "autopet": (
+        "dataset_conversion.autopet_iii",
+        "autoPET I/II (FDG, TCIA NIfTI) or autoPET III/IV (FDG + PSMA) release",
+    ),
+    "nifti": ("dataset_conversion.nifti_folders", "NIfTI folders: one folder per case with CT, PET and mask"),
+    "hecktor": ("dataset_conversion.hecktor", "HECKTOR head-and-neck PET/CT (GTVp = 1, GTVn = 2)"),
+}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every converter shares (input, dataset ID and name, output, run control)."""
+    parser.add_argument("input_dir", type=Path, help="the source folder")
+    parser.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset ID (1-999)")
+    parser.add_argument(
+        "-n",
+        "--name",
+        required=True,
+        help="dataset name: the output is RAW_DIR/DatasetXXX_NAME (letters, digits, _ and -)",
+    )
+    parser.add_argument(
+        "-o",
+        "--raw-dir",
+        type=Path,
+        default=None,
+        help="nnU-Net raw folder to write into (default: $nnUNet_raw)",
+    )
+    parser.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default: 1)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="convert again cases that are already finished (default: skip them)",
+    )
+    parser.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 even when some cases failed (they are still listed)",
+    )
+    parser.add_argument("--pet-norm", choices=PET_NORM_CHOICES, default=DEFAULT_PET_NORM, help=PET_NORM_HELP)
+    parser.add_argument(
+        "--write-splits",
+        action="store_true",
+        help="write a patient-grouped 5-fold splits_final.json into $nnUNet_preprocessed/DatasetXXX_NAME/ "
+        "(repeat studies of one patient in one fold); without it the command to do so is printed",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_pseudonymize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pseudonymize",
+        action="store_true",
+        help="name cases with random pseudonyms (P<10 hex>_s<n>) instead of patient IDs and dates; the key "
+        "linking them to patients is written OUTSIDE the dataset (see --pseudonym-key) and its path printed",
+    )
+    parser.add_argument(
+        "--pseudonym-key",
+        type=Path,
+        default=None,
+        help="pseudonym key CSV (default: RAW_DIR/pseudonym_key_DatasetXXX_NAME.csv); reused on re-runs so IDs stay stable",
+    )
+
+
+def pseudonym_key_path(args: argparse.Namespace, spec: DatasetSpec) -> Path:
+    """Where the pseudonym key goes; refuses a path inside the dataset folder."""
+    from nnunetv2_l1dfl.conversion.dataset import ConversionError
+
+    path = (
+        (args.pseudonym_key or spec.raw_dir / f"pseudonym_key_{spec.folder_name}.csv").expanduser().resolve()
+    )
+    if spec.dataset_dir.resolve() in path.parents:
+        raise ConversionError(
+            f"--pseudonym-key {path} lies inside the dataset folder: keep the key outside it"
+        )
+    return path
+
+
+def spec_from_args(args: argparse.Namespace, **kwargs) -> DatasetSpec:
+    from nnunetv2_l1dfl.conversion.dataset import DatasetSpec, resolve_raw_dir
+
+    return DatasetSpec(
+        raw_dir=resolve_raw_dir(args.raw_dir),
+        dataset_id=args.dataset_id,
+        name=args.name,
+        pet_norm=args.pet_norm,
+        **kwargs,
+    )
+
+
+def report(summary: ConversionSummary, spec: DatasetSpec, args: argparse.Namespace) -> int:
+    """Print failures, write or suggest the splits, print the one-line summary; the exit code."""
+    from nnunetv2_l1dfl.conversion.dataset import ConversionError, splits_for_dataset, write_splits
+
+    exit_code = 0
+    for case_id, reason in sorted(summary.failed.items()):
+        print(f"FAILED {case_id}: {reason}", file=sys.stderr)
+    if summary.num_training:
+        if getattr(args, "write_splits", False):
+            try:
+                summary.splits_file = write_splits(spec.folder_name, splits_for_dataset(spec.dataset_dir))
+                print(f"splits_final.json (5 folds, patients kept in one fold): {summary.splits_file}")
+            except ConversionError as e:
+                print(f"error: splits not written: {e}", file=sys.stderr)
+                exit_code = 1
+        else:
+            print(
+                f"patient-grouped 5-fold splits: l1dfl splits -d {spec.dataset_id} -o {spec.raw_dir} "
+                f"(writes $nnUNet_preprocessed/{spec.folder_name}/splits_final.json)"
+            )
+    print(f"metadata table: {summary.metadata_table}")
+    print(summary.line())
+    if summary.failed and not getattr(args, "allow_failures", False):
+        exit_code = 1
+    return exit_code
+
+
+def _run_converter(args: argparse.Namespace) -> int:
+    from nnunetv2_l1dfl.conversion.dataset import ConversionError
+
+    try:
+        return import_module(args.converter_module).run(args)
+    except (ConversionError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def suv_entry(args: argparse.Namespace) -> int:
+    """``l1dfl suv``: one PET series to a SUVbw NIfTI, with the branch taken and statistics."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnunetv2_l1dfl.conversion.dicom_series import discover_series
+    from nnunetv2_l1dfl.conversion.suv import SUVError, read_pet_suv
+
+    series, skipped = discover_series(args.pet_series_dir)
+    pets = [s for s in series if s.modality == "PT"]
+    if args.series_uid:
+        pets = [s for s in pets if s.series_instance_uid == args.series_uid]
+    if len(pets) != 1:
+        found = ", ".join(
+            f"{s.series_instance_uid} ({s.series_description!r}, {len(s.files)} files)" for s in pets
+        )
+        what = f"with SeriesInstanceUID {args.series_uid}" if args.series_uid else "(Modality PT)"
+        print(
+            f"error: {args.pet_series_dir} holds {len(pets)} PET series {what}"
+            + (f": {found}; pick one with --series-uid" if pets else "")
+            + (
+                f"; {len(skipped)} files skipped, e.g. {skipped[0][0]}: {skipped[0][1]}"
+                if skipped and not pets
+                else ""
+            ),
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        result = read_pet_suv(pets[0], case_id=str(args.pet_series_dir))
+    except SUVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(
+        sitk.Cast(result.image, sitk.sitkFloat32), str(out), useCompression=out.name.endswith(".gz")
+    )
+    values = sitk.GetArrayViewFromImage(result.image)
+    where = "image"
+    if args.mask:
+        mask = sitk.ReadImage(str(args.mask))
+        from nnunetv2_l1dfl.conversion.dataset import geometry_mismatch
+
+        problem = geometry_mismatch(mask, result.image, atol=1e-3)
+        if problem:
+            print(f"error: --mask {args.mask} is not on the PET grid ({problem})", file=sys.stderr)
+            return 2
+        values = values[sitk.GetArrayViewFromImage(mask) > 0]
+        where = f"mask ({values.size} voxels)"
+    print(f"SUV branch: {result.branch}")
+    for key, value in result.details.items():
+        print(f"  {key}: {value}")
+    if values.size:
+        print(
+            f"SUVbw in {where}: min {values.min():.4g}, median {np.median(values):.4g}, "
+            f"mean {values.mean():.4g}, max {values.max():.4g}"
+        )
+    size, spacing = result.image.GetSize(), result.image.GetSpacing()
+    print(f"wrote {out}: size {size}, spacing {tuple(round(s, 4) for s in spacing)} mm")
+    return 0
+
+
+def splits_entry(args: argparse.Namespace) -> int:
+    """``l1dfl splits``: patient-grouped folds of a converted dataset into nnUNet_preprocessed."""
+    from nnunetv2_l1dfl.conversion.dataset import (
+        ConversionError,
+        resolve_raw_dir,
+        splits_for_dataset,
+        write_splits,
+    )
+
+    try:
+        raw_dir = resolve_raw_dir(args.raw_dir)
+        matches = sorted(p for p in raw_dir.glob(f"Dataset{args.dataset_id:03d}_*") if p.is_dir())
+        if len(matches) != 1:
+            raise ConversionError(
+                f"expected one folder Dataset{args.dataset_id:03d}_* in {raw_dir}, found {len(matches)}"
+            )
+        splits = splits_for_dataset(matches[0], n_folds=args.folds)
+        path = write_splits(matches[0].name, splits, args.preprocessed_dir)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sizes = ", ".join(str(len(f["val"])) for f in splits)
+    print(f"wrote {path}: {args.folds} folds, validation cases per fold {sizes}")
+    return 0
+
+
+def detect_autopet_release(input_dir: Path) -> str:
+    """``"iii"`` for the nnU-Net-like autoPET III/IV release (imagesTr + labelsTr), ``"fdg"`` for the
+    autoPET I/II TCIA layout (PETCT_*/<study>/SUV.nii.gz); a ConversionError otherwise."""
+    from nnunetv2_l1dfl.conversion.dataset import ConversionError
+
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise ConversionError(f"input folder not found: {input_dir}")
+    if (input_dir / "imagesTr").is_dir() and (input_dir / "labelsTr").is_dir():
+        return "iii"
+    if next(input_dir.rglob("SUV.nii.gz"), None) is not None:
+        return "fdg"
+    raise ConversionError(
+        f"{input_dir} looks like neither autoPET release: expected imagesTr/ and labelsTr/ (autoPET III/IV) "
+        "or PETCT_*/<study>/SUV.nii.gz (autoPET I/II); pass the folder that holds them"
+    )
+
+
+AUTOPET_MODULES = {"fdg": "dataset_conversion.autopet_fdg", "iii": "dataset_conversion.autopet_iii"}
+
+
+def _run_autopet(args: argparse.Namespace) -> int:
+    from nnunetv2_l1dfl.conversion.dataset import ConversionError
+
+    try:
+        release = detect_autopet_release(args.input_dir) if args.release == "auto" else args.release
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if release == "fdg" and args.tracer != "both" and args.tracer != "fdg":
+        print(
+            "error: the autoPET I/II release holds FDG studies only; --tracer psma needs autoPET III/IV",
+            file=sys.stderr,
+        )
+        return 2
+    args.converter_module = AUTOPET_MODULES[release]
+    return _run_converter(args)
+
+
+def _print_help_of(parser: argparse.ArgumentParser):
+    def show(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    return show
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    convert = subparsers.add_parser(
+        "convert",
+        help="convert PET/CT data into a two-channel nnU-Net v2 raw dataset (CT 0000 in HU, PET 0001 in SUVbw)",
+        description=(
+            "Convert PET/CT studies into DatasetXXX_NAME/{imagesTr,labelsTr,dataset.json} with CT and labels "
+            "on the PET grid, a per-case metadata table (case_metadata.csv) and, on request, patient-grouped "
+            "splits. Runs are resumable: finished cases are skipped. A failing case is listed with its reason "
+            "and the others go on; the exit code is 1 when any case failed (0 with --allow-failures)."
+        ),
+    )
+    sources = convert.add_subparsers(dest="source", metavar="SOURCE")
+    for source, (module_name, help_text) in CONVERTERS.items():
+        try:
+            module = import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        parser = sources.add_parser(
+            source, help=help_text, description=(module.__doc__ or help_text).strip().split("\n\n")[0]
+        )
+        add_common_arguments(parser)
+        module.add_arguments(parser)
+        parser.set_defaults(func=_run_converter, converter_module=module_name)
+        if source == "autopet":
+            parser.description = (
+                "Convert an autoPET download. autoPET I/II (FDG, TCIA NIfTI): PETCT_<id>/<study>/{CTres,SUV,SEG}.nii.gz, "
+                "CTres already on the PET grid. autoPET III/IV (FDG + PSMA): imagesTr/{fdg,psma}_<patient>_<study>_000X "
+                "and labelsTr, with fdg_metadata.csv / psma_metadata.csv. The release is detected unless --release "
+                "is given. Case IDs are <tracer>_<patient>_<YYYYMMDD> in both, so one study keeps its ID across releases."
+            )
+            parser.add_argument(
+                "--release", choices=("auto", "fdg", "iii"), default="auto",
+                help="auto (detect), fdg (autoPET I/II) or iii (autoPET III/IV); default auto",
+            )  # fmt: skip
+            parser.set_defaults(func=_run_autopet)
+    convert.set_defaults(func=_print_help_of(convert))
+
+    suv = subparsers.add_parser(
+        "suv",
+        help="convert one DICOM PET series to SUVbw (NIfTI) and print the decision branch taken",
+        description=(
+            "Read a PET series (QIBA/IBSI decision tree: per-slice rescale, Units, DecayCorrection, reference "
+            "and injection times, unit sanity checks), write SUVbw as NIfTI, print the branch taken and SUV "
+            "statistics. A missing or contradictory tag is an error naming it."
+        ),
+    )
+    suv.add_argument("pet_series_dir", type=Path, help="folder holding the PET series (any nesting)")
+    suv.add_argument("out", type=Path, help="output image, e.g. suv.nii.gz")
+    suv.add_argument(
+        "--series-uid",
+        default=None,
+        help="SeriesInstanceUID to pick when the folder holds several PET series",
+    )
+    suv.add_argument(
+        "--mask", type=Path, default=None, help="print the statistics inside this mask (on the PET grid)"
+    )
+    suv.set_defaults(func=suv_entry)
+
+    splits = subparsers.add_parser(
+        "splits",
+        help="write patient-grouped folds (splits_final.json) for a dataset made by 'l1dfl convert'",
+        description=(
+            "Read DatasetXXX_*/case_metadata.csv and write nnU-Net's splits_final.json with every study of a "
+            "patient in the same fold, into $nnUNet_preprocessed/DatasetXXX_NAME/."
+        ),
+    )
+    splits.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset ID")
+    splits.add_argument(
+        "-o", "--raw-dir", type=Path, default=None, help="nnU-Net raw folder (default: $nnUNet_raw)"
+    )
+    splits.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
+    splits.add_argument(
+        "--preprocessed-dir",
+        type=Path,
+        default=None,
+        help="nnU-Net preprocessed folder (default: $nnUNet_preprocessed)",
+    )
+    splits.set_defaults(func=splits_entry)
+
+
+def converter_main(module_name: str, argv: list[str] | None = None) -> int:
+    """``python -m dataset_conversion.<module>``: the same options as ``l1dfl convert <source>``."""
+    module = import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module_name}", description=(module.__doc__ or "").strip()
+    )
+    add_common_arguments(parser)
+    module.add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    args = parser.parse_args(argv)
+    args.converter_module = module_name
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    return _run_converter(args)

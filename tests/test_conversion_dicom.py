@@ -1,0 +1,259 @@
+"""``l1dfl convert dicom`` on synthetic DICOM studies written by the tests.
+
+The tree (built once per module): patient ``PAT/001 X`` with two studies (RTSTRUCT drawn on a CT
+with another grid and a smaller field of view than the PET; DICOM SEG on the PET), patient
+``PAT_0001`` (RTSTRUCT on the PET), patient ``NOWEIGHT`` whose PET lacks PatientWeight, and a
+corrupt file. The last test runs ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import _conversion_helpers as h
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from _dicom_factories import write_ct_series, write_pet_series, write_rtstruct, write_seg
+
+from nnunetv2_l1dfl.cli import main
+
+WEIGHT_KG, DOSE_BQ, HALF_LIFE_S = 75.0, 3.5e8, 6586.2
+# Series time 11:00, injection 10:00, DecayCorrection START: the dose decays for one hour.
+BQML_PER_SUV = DOSE_BQ * 2.0 ** (-3600.0 / HALF_LIFE_S) / (WEIGHT_KG * 1000.0)
+
+CASE_A, CASE_B, CASE_C, CASE_BAD = (
+    "PAT-001-X_20240101",
+    "PAT-001-X_20240301",
+    "PAT-0001_20240101",
+    "NOWEIGHT_20240101",
+)
+
+
+def _study(root: Path, patient: str, date: str, *, ct_grid: str, mask: str, omit=()) -> dict:
+    from pydicom.uid import generate_uid
+
+    study_uid, frame_uid = generate_uid(), generate_uid()
+    common = dict(patient_id=patient, study_uid=study_uid, frame_of_reference_uid=frame_uid, study_date=date)
+    pet_files = write_pet_series(
+        root / "pet", h.pet_suv_volume() * BQML_PER_SUV, h.PET_SPACING, h.PET_ORIGIN,
+        weight_kg=WEIGHT_KG, dose_bq=DOSE_BQ, half_life=HALF_LIFE_S, omit=omit, **common,
+    )  # fmt: skip
+    if ct_grid == "ct":
+        ct_files = write_ct_series(root / "ct", h.ct_volume(), h.CT_SPACING, h.CT_ORIGIN, **common)
+    else:
+        ct_files = write_ct_series(
+            root / "ct",
+            h.ct_volume(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN),
+            h.PET_SPACING,
+            h.PET_ORIGIN,
+            **common,
+        )
+    if mask == "rtstruct-on-ct":
+        grid = (h.CT_SHAPE, h.CT_SPACING, h.CT_ORIGIN)
+        rois = {
+            "Lesion 1": h.lesion_mask(*grid, lesions=h.LESIONS_MM[:1]),
+            "LESION_2": h.lesion_mask(*grid, lesions=h.LESIONS_MM[1:]),
+            "Liver": h.sphere(*grid, centre_mm=(12.0, -12.0, 20.0), radius_mm=6.0),  # not a lesion: left out
+        }
+        write_rtstruct(root / "rt" / "rtstruct.dcm", ct_files, rois)
+    elif mask == "rtstruct-on-pet":
+        write_rtstruct(
+            root / "rt" / "rs.dcm",
+            pet_files,
+            {"Lesions": h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN)},
+        )
+    elif mask == "seg-on-pet":
+        write_seg(
+            root / "seg" / "seg.dcm",
+            pet_files,
+            {"Tumor": h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN)},
+        )
+    return {"study_uid": study_uid, "pet": pet_files, "ct": ct_files}
+
+
+@pytest.fixture(scope="module")
+def dicom_tree(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("dicom") / "export"
+    studies = {
+        CASE_A: _study(root / "p1" / "s1", "PAT/001 X", "20240101", ct_grid="ct", mask="rtstruct-on-ct"),
+        CASE_B: _study(
+            root / "p1" / "s2" / "deeper", "PAT/001 X", "20240301", ct_grid="ct", mask="seg-on-pet"
+        ),
+        CASE_C: _study(root / "p2", "PAT_0001", "20240101", ct_grid="pet", mask="rtstruct-on-pet"),
+        CASE_BAD: _study(
+            root / "p3", "NOWEIGHT", "20240101", ct_grid="pet", mask="rtstruct-on-pet", omit=["PatientWeight"]
+        ),
+    }
+    (root / "junk").mkdir()
+    (root / "junk" / "corrupt.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
+    return root, studies
+
+
+def _convert(root: Path, raw: Path, *extra: str) -> int:
+    return main(
+        ["convert", "dicom", str(root), "-d", "501", "-n", "Dicom", "-o", str(raw), "--no-progress", *extra]
+    )
+
+
+def _metadata(dataset: Path) -> dict[str, dict[str, str]]:
+    with (dataset / "case_metadata.csv").open(newline="") as f:
+        return {row["case_id"]: row for row in csv.DictReader(f)}
+
+
+def test_dicom_conversion_end_to_end(dicom_tree, tmp_path, capsys):
+    root, _ = dicom_tree
+    raw = tmp_path / "raw"
+    assert _convert(root, raw) == 1  # NOWEIGHT fails -> non-zero exit
+    out = capsys.readouterr()
+    assert re.search(rf"FAILED {CASE_BAD}: .*PatientWeight \(0010,1030\)", out.err), out.err
+    assert "corrupt.dcm" in out.out  # the skipped file is reported, not fatal
+
+    dataset = raw / "Dataset501_Dicom"
+    dataset_json = json.loads((dataset / "dataset.json").read_text())
+    assert dataset_json["numTraining"] == 3
+    assert dataset_json["channel_names"] == {"0": "CT", "1": "CT"}
+    assert (
+        "SUVbw" in dataset_json["channel_modalities"]["1"]
+        and "Hounsfield" in dataset_json["channel_modalities"]["0"]
+    )
+
+    for case in (CASE_A, CASE_B, CASE_C):
+        ct = sitk.ReadImage(str(dataset / "imagesTr" / f"{case}_0000.nii.gz"))
+        pet = sitk.ReadImage(str(dataset / "imagesTr" / f"{case}_0001.nii.gz"))
+        label = sitk.ReadImage(str(dataset / "labelsTr" / f"{case}.nii.gz"))
+        assert (
+            ct.GetPixelID() == pet.GetPixelID() == sitk.sitkFloat32 and label.GetPixelID() == sitk.sitkUInt8
+        )
+        for image in (ct, label):  # one geometry for the three files, the PET's
+            assert image.GetSize() == pet.GetSize() == h.PET_SHAPE[::-1]
+            assert np.allclose(image.GetOrigin(), h.PET_ORIGIN) and np.allclose(
+                image.GetSpacing(), h.PET_SPACING
+            )
+        suv = sitk.GetArrayFromImage(pet)
+        labels = sitk.GetArrayFromImage(label)
+        assert suv.max() == pytest.approx(h.LESION_SUV, rel=2e-3)
+        assert np.median(suv[labels > 0]) == pytest.approx(h.LESION_SUV, rel=2e-3)
+        if case != CASE_C:
+            hu = sitk.GetArrayFromImage(ct)
+            assert np.all(hu[:2] == -1024)  # PET slices at z = 0, 4 mm lie before the CT (starts at 8 mm)
+            assert hu[6, 8, 8] == pytest.approx(h.BODY_HU, abs=1)
+    expected_voxels = int(h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN).sum())
+    rows = _metadata(dataset)
+    assert set(rows) == {CASE_A, CASE_B, CASE_C}
+    for case, row in rows.items():
+        assert row["n_lesions"] == "2", (case, row)
+        assert row["suv_branch"].startswith("BQML|START|SeriesTime")
+        assert row["tracer"] == "FDG" and "l1dfl-tests" in row["scanner"]
+    assert rows[CASE_A]["patient"] == rows[CASE_B]["patient"] == "PAT/001 X"  # one patient, two studies
+    assert "CT not covering PET" in rows[CASE_A]["warnings"] and rows[CASE_C]["warnings"] == ""
+    # RTSTRUCT drawn on the 2 mm CT, resampled to the 4 mm PET grid: the CT-grid volume within 20 %.
+    ct_grid_ml = h.lesion_mask(h.CT_SHAPE, h.CT_SPACING, h.CT_ORIGIN).sum() * 8 / 1000
+    assert float(rows[CASE_A]["tmtv_ml"]) == pytest.approx(ct_grid_ml, rel=0.2)
+    assert float(rows[CASE_C]["tmtv_ml"]) == pytest.approx(expected_voxels * 64 / 1000, rel=1e-6)
+    liver = h.sphere(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN, (12.0, -12.0, 20.0), 4.0)
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(dataset / "labelsTr" / f"{CASE_A}.nii.gz")))[
+        liver
+    ].any()
+
+    # Re-run: finished cases are skipped, the failure stays, --allow-failures gives exit 0.
+    assert _convert(root, raw, "--allow-failures") == 0
+    assert "0 converted, 3 already done, 1 failed" in capsys.readouterr().out
+
+
+def test_dicom_pseudonymize_and_manifest(dicom_tree, tmp_path, capsys):
+    root, studies = dicom_tree
+    raw = tmp_path / "raw"
+    code = main(
+        [
+            "convert",
+            "dicom",
+            str(root),
+            "-d",
+            "502",
+            "-n",
+            "Pseudo",
+            "-o",
+            str(raw),
+            "--no-progress",
+            "--pseudonymize",
+        ]
+    )
+    assert code == 1
+    dataset = raw / "Dataset502_Pseudo"
+    key_path = raw / "pseudonym_key_Dataset502_Pseudo.csv"
+    assert str(key_path) in capsys.readouterr().out and key_path.is_file()
+    with key_path.open(newline="") as f:
+        key = list(csv.DictReader(f))
+    ids = {r["patient_id"]: set() for r in key}
+    for r in key:
+        ids[r["patient_id"]].add(r["case_id"])
+    assert set(ids) == {"PAT/001 X", "PAT_0001", "NOWEIGHT"} and len(ids["PAT/001 X"]) == 2
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (dataset / "labelsTr").iterdir())
+    assert len(cases) == 3 and all(re.fullmatch(r"P[0-9a-f]{10}_s[12]", c) for c in cases)
+    for text_file in [*dataset.rglob("*.json"), *dataset.rglob("*.csv")]:  # no patient ID or date left
+        text = text_file.read_text()
+        assert "PAT" not in text and "NOWEIGHT" not in text and "2024" not in text, text_file
+    # A re-run reuses the key: same IDs, nothing converted again.
+    assert (
+        main(
+            [
+                "convert",
+                "dicom",
+                str(root),
+                "-d",
+                "502",
+                "-n",
+                "Pseudo",
+                "-o",
+                str(raw),
+                "--no-progress",
+                "--pseudonymize",
+            ]
+        )
+        == 1
+    )
+    assert "0 converted, 3 already done" in capsys.readouterr().out
+
+    # Manifest: explicit PET folder, CT by SeriesInstanceUID, a NIfTI mask on the PET grid.
+    import pydicom
+
+    ct_uid = pydicom.dcmread(studies[CASE_C]["ct"][0], stop_before_pixels=True).SeriesInstanceUID
+    h.write_image(h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN, lesions=h.LESIONS_MM[:1]),
+                         tmp_path / "masks" / "one.nii.gz", h.PET_SPACING, h.PET_ORIGIN)  # fmt: skip
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        f"case,patient,pet,ct,mask\nmy case/1,P1,{root / 'p2' / 'pet'},{ct_uid},masks/one.nii.gz\n"
+    )
+    assert main(["convert", "dicom", str(root), "-d", "503", "-n", "Manifest", "-o", str(raw), "--no-progress",
+                 "--manifest", str(manifest)]) == 0  # fmt: skip
+    rows = _metadata(raw / "Dataset503_Manifest")
+    assert (
+        list(rows) == ["my-case-1"]
+        and rows["my-case-1"]["n_lesions"] == "1"
+        and rows["my-case-1"]["patient"] == "P1"
+    )
+
+
+def test_converted_dataset_passes_nnunet_verify(dicom_tree, nnunet_env, tmp_path, repo_root):
+    root, _ = dicom_tree
+    raw = Path(nnunet_env["nnUNet_raw"])
+    assert _convert(root, raw, "--allow-failures") == 0
+    assert (raw / "Dataset501_Dicom" / "case_metadata.csv").is_file()  # extra files must not upset nnU-Net
+    result = subprocess.run(
+        ["nnUNetv2_plan_and_preprocess", "-d", "501", "--verify_dataset_integrity", "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
+        capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ), timeout=300,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "verify_dataset_integrity Done" in log
+    assert (
+        "Warning" not in log.split("verify_dataset_integrity Done")[0]
+    )  # no origin/direction mismatch warnings
+    preprocessed = Path(nnunet_env["nnUNet_preprocessed"]) / "Dataset501_Dicom"
+    assert (preprocessed / "nnUNetPlans.json").is_file()
