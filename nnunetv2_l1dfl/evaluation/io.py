@@ -1,0 +1,410 @@
+"""Finding and reading what ``l1dfl compare`` scores: nnU-Net fold validation folders or any
+prediction folders, the GT and the PET channel; case pairing and geometry checks.
+
+Two ways in:
+
+- :func:`discover_nnunet_cases`: ``nnUNet_results/DatasetXXX_Name/{Trainer}__{Plans}__{Config}/
+  fold_N/validation/<case><file_ending>`` for every requested fold (cross-validation: each case is
+  predicted once, by the fold that held it out), GT from ``nnUNet_raw/DatasetXXX/labelsTr`` (else
+  ``nnUNet_preprocessed/DatasetXXX/gt_segmentations``), PET from ``nnUNet_raw/DatasetXXX/imagesTr/
+  <case>_{pet_channel:04d}<file_ending>``.
+- :func:`discover_folder_cases`: any ``<case><file_ending>`` folders (e.g. a test set predicted
+  with ``nnUNetv2_predict``), a GT folder and an nnU-Net images folder.
+
+Probabilities for calibration are ``<case>.npz`` (key ``probabilities``) beside the predictions,
+used when present. Every problem is raised as :class:`CompareInputError` naming the folder, file,
+case or what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FILE_ENDING = ".nii.gz"
+DEFAULT_FOLDS = (0, 1, 2, 3, 4)
+_MAX_LISTED = 20
+
+
+class CompareInputError(ValueError):
+    """The inputs cannot be compared as given; the message says which file, folder or case."""
+
+
+def _listing(names: list[str]) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f", ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Image grid: ``shape`` and ``spacing_mm`` in array order (z, y, x); ``origin_mm`` and
+    ``direction`` (row-major 3x3) in SimpleITK's physical (x, y, z) order."""
+
+    shape: tuple[int, ...]
+    spacing_mm: tuple[float, ...]
+    origin_mm: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def from_sitk(cls, image) -> Geometry:
+        """From a SimpleITK image, or an ImageFileReader after ReadImageInformation()."""
+        return cls(
+            shape=tuple(int(s) for s in reversed(image.GetSize())),
+            spacing_mm=tuple(float(s) for s in reversed(image.GetSpacing())),
+            origin_mm=tuple(float(o) for o in image.GetOrigin()),
+            direction=tuple(float(d) for d in image.GetDirection()),
+        )
+
+    def differences(self, other: Geometry, tolerance: float = 1e-3) -> list[str]:
+        """What differs from ``other``: shape exactly; spacing and origin (mm) and direction
+        cosines within an absolute ``tolerance``."""
+        found = []
+        if self.shape != other.shape:
+            found.append(f"shape (z, y, x) {self.shape} vs {other.shape}")
+        for name, mine, theirs in (
+            ("spacing (z, y, x) mm", self.spacing_mm, other.spacing_mm),
+            ("origin (x, y, z) mm", self.origin_mm, other.origin_mm),
+            ("direction", self.direction, other.direction),
+        ):
+            if len(mine) != len(theirs) or not np.allclose(mine, theirs, rtol=0.0, atol=tolerance):
+                found.append(f"{name} {_round(mine)} vs {_round(theirs)}")
+        return found
+
+
+def _round(values: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(round(v, 6) for v in values)
+
+
+def read_image(path: Path, kind: str = "label") -> tuple[np.ndarray, Geometry]:
+    """Read a 3D image with SimpleITK as a (z, y, x) array and its geometry.
+
+    ``kind="label"`` returns an integer array (a float file must hold whole numbers);
+    ``kind="pet"`` returns float32.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    try:
+        image = sitk.ReadImage(str(path), sitk.sitkFloat32 if kind == "pet" else sitk.sitkUnknown)
+    except RuntimeError as e:
+        raise CompareInputError(f"cannot read {path}: {str(e).strip().splitlines()[-1]}") from e
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise CompareInputError(
+            f"{path}: expected a 3D single-component image, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s)"
+        )
+    array = sitk.GetArrayFromImage(image)
+    if kind == "label" and not np.issubdtype(array.dtype, np.integer):
+        rounded = np.rint(array)
+        if not np.array_equal(rounded, array):
+            raise CompareInputError(f"{path}: label image holds non-integer values")
+        array = rounded.astype(np.int32)
+    return np.ascontiguousarray(array), Geometry.from_sitk(image)
+
+
+def read_geometry(path: Path) -> Geometry:
+    """Geometry from the image header only (no voxel data read)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise CompareInputError(f"cannot read {path}: {str(e).strip().splitlines()[-1]}") from e
+    return Geometry.from_sitk(reader)
+
+
+def check_case_geometry(case: CaseFiles, tolerance: float = 1e-3) -> None:
+    """Compare the headers of a case's PET and predictions with its GT; raises
+    :class:`CompareInputError` naming the files and what differs."""
+    reference = (case.gt, read_geometry(case.gt))
+    for path in (case.pet, *case.predictions.values()):
+        check_geometry(reference, (path, read_geometry(path)), tolerance)
+
+
+def check_geometry(reference: tuple[Path, Geometry], other: tuple[Path, Geometry], tolerance: float = 1e-3) -> None:
+    """Raise :class:`CompareInputError` naming both files and what differs, if anything does."""
+    differences = reference[1].differences(other[1], tolerance)
+    if differences:
+        raise CompareInputError(
+            f"geometry mismatch between {reference[0]} and {other[0]}: " + "; ".join(differences)
+        )
+
+
+def load_probabilities(path: Path) -> np.ndarray:
+    """``probabilities`` (C, z, y, x) from an nnU-Net ``<case>.npz``, as float32."""
+    try:
+        with np.load(path) as npz:
+            if "probabilities" not in npz:
+                raise CompareInputError(f"{path} has no 'probabilities' array (keys: {sorted(npz.files)})")
+            return np.asarray(npz["probabilities"], dtype=np.float32)
+    except (OSError, ValueError) as e:
+        if isinstance(e, CompareInputError):
+            raise
+        raise CompareInputError(f"cannot read probabilities from {path}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """All files of one case: GT, PET and each trainer's prediction (and probabilities if any)."""
+
+    case_id: str
+    gt: Path
+    pet: Path
+    predictions: dict[str, Path]
+    probabilities: dict[str, Path] = field(default_factory=dict)
+    folds: dict[str, int] = field(default_factory=dict)
+
+
+def list_cases(folder: Path, file_ending: str = DEFAULT_FILE_ENDING) -> dict[str, Path]:
+    """``{case_id: path}`` of the ``<case_id><file_ending>`` files in a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CompareInputError(f"folder not found: {folder}")
+    return {
+        entry.name[: -len(file_ending)]: entry
+        for entry in sorted(folder.iterdir())
+        if entry.name.endswith(file_ending) and entry.is_file()
+    }
+
+
+def assemble_cases(
+    predictions: dict[str, dict[str, Path]],
+    gt_folder: Path,
+    pet_folder: Path,
+    pet_channel: int = 1,
+    file_ending: str = DEFAULT_FILE_ENDING,
+    folds: dict[str, dict[str, int]] | None = None,
+) -> list[CaseFiles]:
+    """Pair predictions by case ID and attach GT, PET and probabilities.
+
+    Raises :class:`CompareInputError` when fewer than two trainers are given, when a trainer has no
+    predictions, when the case sets differ between trainers (listing, per trainer, the cases it
+    lacks), or when GT or PET files are missing (listing the cases).
+    """
+    if len(predictions) < 2:
+        raise CompareInputError(f"need at least two trainers to compare, got {list(predictions)}")
+    for trainer, cases in predictions.items():
+        if not cases:
+            raise CompareInputError(f"no predictions (*{file_ending}) found for {trainer}")
+    all_cases = set().union(*(set(cases) for cases in predictions.values()))
+    lacking = {t: sorted(all_cases - set(cases)) for t, cases in predictions.items()}
+    if any(lacking.values()):
+        raise CompareInputError(
+            "case sets differ between trainers: "
+            + "; ".join(f"{t} lacks {len(m)} case(s): {_listing(m)}" for t, m in lacking.items() if m)
+        )
+    gt_folder, pet_folder = Path(gt_folder), Path(pet_folder)
+    for folder, what in ((gt_folder, "GT"), (pet_folder, "PET")):
+        if not folder.is_dir():
+            raise CompareInputError(f"{what} folder not found: {folder}")
+    gt_files = {c: gt_folder / f"{c}{file_ending}" for c in all_cases}
+    pet_files = {c: pet_folder / f"{c}_{pet_channel:04d}{file_ending}" for c in all_cases}
+    for files, what in ((gt_files, f"GT in {gt_folder}"), (pet_files, f"PET channel {pet_channel} in {pet_folder}")):
+        missing = [c for c, p in files.items() if not p.is_file()]
+        if missing:
+            example = files[sorted(missing)[0]].name
+            raise CompareInputError(f"{what} missing for {len(missing)} case(s) (e.g. {example}): {_listing(missing)}")
+    cases = []
+    for case_id in sorted(all_cases):
+        case_predictions = {t: predictions[t][case_id] for t in predictions}
+        probabilities = {}
+        for trainer, path in case_predictions.items():
+            npz = path.with_name(path.name[: -len(file_ending)] + ".npz")
+            if npz.is_file():
+                probabilities[trainer] = npz
+        cases.append(
+            CaseFiles(
+                case_id=case_id,
+                gt=gt_files[case_id],
+                pet=pet_files[case_id],
+                predictions=case_predictions,
+                probabilities=probabilities,
+                folds={t: folds[t][case_id] for t in predictions} if folds else {},
+            )
+        )
+    return cases
+
+
+def discover_folder_cases(
+    prediction_folders: dict[str, Path],
+    gt_folder: Path,
+    pet_folder: Path,
+    pet_channel: int = 1,
+    file_ending: str = DEFAULT_FILE_ENDING,
+) -> tuple[list[CaseFiles], dict]:
+    """Cases from ``--pred NAME=FOLDER`` folders; returns the cases and a description of the inputs."""
+    predictions = {name: list_cases(folder, file_ending) for name, folder in prediction_folders.items()}
+    cases = assemble_cases(predictions, gt_folder, pet_folder, pet_channel, file_ending)
+    inputs = {
+        "mode": "folders",
+        "predictions": {name: str(Path(folder).resolve()) for name, folder in prediction_folders.items()},
+        "gt_folder": str(Path(gt_folder).resolve()),
+        "pet_folder": str(Path(pet_folder).resolve()),
+        "pet_channel": pet_channel,
+        "file_ending": file_ending,
+    }
+    return cases, inputs
+
+
+# ----------------------------------------------------------------------------- nnU-Net layout
+
+
+def _nnunet_folder(variable: str) -> Path | None:
+    value = os.environ.get(variable)
+    return Path(value) if value else None
+
+
+def resolve_dataset_name(dataset: str) -> str:
+    """``DatasetXXX_Name`` from an ID ("5", "005") or a name, via nnU-Net's own lookup."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as e:
+        raise CompareInputError(f"dataset {dataset!r}: {e}") from e
+
+
+def trainer_output_folder(dataset_name: str, trainer: str, plans: str, configuration: str) -> Path:
+    """``nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``, which must exist."""
+    results = _nnunet_folder("nnUNet_results")
+    if results is None:
+        raise CompareInputError("nnUNet_results is not set; export it or use --pred NAME=FOLDER")
+    folder = results / dataset_name / f"{trainer}__{plans}__{configuration}"
+    if not folder.is_dir():
+        raise CompareInputError(f"trainer output folder not found: {folder}")
+    return folder
+
+
+def collect_cross_validation(
+    trainer_folder: Path, folds: tuple[int, ...] = DEFAULT_FOLDS, file_ending: str = DEFAULT_FILE_ENDING
+) -> tuple[dict[str, Path], dict[str, int]]:
+    """Predictions of every fold's ``validation/`` folder: ``({case: path}, {case: fold})``.
+
+    Raises :class:`CompareInputError` naming the folder when a fold or its ``validation/`` is
+    missing or empty, and naming the cases predicted by more than one fold.
+    """
+    paths: dict[str, Path] = {}
+    fold_of: dict[str, int] = {}
+    duplicates = []
+    for fold in folds:
+        validation = Path(trainer_folder) / f"fold_{fold}" / "validation"
+        if not validation.parent.is_dir():
+            raise CompareInputError(f"fold {fold} missing: {validation.parent} not found")
+        if not validation.is_dir():
+            raise CompareInputError(
+                f"fold {fold} has no validation predictions: {validation} not found "
+                "(did training finish? run nnUNetv2_train ... --val to predict it)"
+            )
+        cases = list_cases(validation, file_ending)
+        if not cases:
+            raise CompareInputError(f"no *{file_ending} predictions in {validation}")
+        for case_id, path in cases.items():
+            if case_id in paths:
+                duplicates.append(f"{case_id} (folds {fold_of[case_id]} and {fold})")
+            paths[case_id] = path
+            fold_of[case_id] = fold
+    if duplicates:
+        raise CompareInputError(f"cases predicted by more than one fold in {trainer_folder}: {_listing(duplicates)}")
+    return paths, fold_of
+
+
+def _check_against_splits(
+    dataset_name: str, trainer: str, fold_of: dict[str, int], folds: tuple[int, ...]
+) -> None:
+    """With ``splits_final.json`` available, every validation case of every fold must be predicted."""
+    preprocessed = _nnunet_folder("nnUNet_preprocessed")
+    splits_file = preprocessed / dataset_name / "splits_final.json" if preprocessed else None
+    if splits_file is None or not splits_file.is_file():
+        logger.debug("no splits_final.json found; the validation folders define the case set")
+        return
+    splits = json.loads(splits_file.read_text())
+    missing = []
+    for fold in folds:
+        if fold >= len(splits):
+            continue
+        missing += [f"{c} (fold {fold})" for c in splits[fold]["val"] if fold_of.get(c) != fold]
+    if missing:
+        raise CompareInputError(
+            f"{trainer} lacks validation predictions listed in {splits_file}: {_listing(missing)}"
+        )
+
+
+def _dataset_file_ending(dataset_name: str, trainer_folders: list[Path]) -> str:
+    raw = _nnunet_folder("nnUNet_raw")
+    candidates = ([raw / dataset_name / "dataset.json"] if raw else []) + [f / "dataset.json" for f in trainer_folders]
+    for candidate in candidates:
+        if candidate.is_file():
+            return json.loads(candidate.read_text()).get("file_ending", DEFAULT_FILE_ENDING)
+    return DEFAULT_FILE_ENDING
+
+
+def discover_nnunet_cases(
+    dataset: str,
+    configuration: str,
+    trainers: list[str],
+    plans: str = "nnUNetPlans",
+    folds: tuple[int, ...] = DEFAULT_FOLDS,
+    pet_channel: int = 1,
+    gt_folder: Path | None = None,
+    pet_folder: Path | None = None,
+    file_ending: str | None = None,
+) -> tuple[list[CaseFiles], dict]:
+    """Cases from nnU-Net cross-validation results; returns the cases and a description of the inputs.
+
+    ``file_ending`` defaults to dataset.json's (nnUNet_raw, else the trainer folder's copy).
+    """
+    if len(set(trainers)) != len(trainers):
+        raise CompareInputError(f"trainers must be distinct, got {trainers}")
+    dataset_name = resolve_dataset_name(dataset)
+    folders = {t: trainer_output_folder(dataset_name, t, plans, configuration) for t in trainers}
+    file_ending = file_ending or _dataset_file_ending(dataset_name, list(folders.values()))
+    predictions, fold_maps = {}, {}
+    for trainer, folder in folders.items():
+        predictions[trainer], fold_maps[trainer] = collect_cross_validation(folder, tuple(folds), file_ending)
+        _check_against_splits(dataset_name, trainer, fold_maps[trainer], tuple(folds))
+    raw = _nnunet_folder("nnUNet_raw")
+    if gt_folder is None:
+        preprocessed = _nnunet_folder("nnUNet_preprocessed")
+        options = ([raw / dataset_name / "labelsTr"] if raw else []) + (
+            [preprocessed / dataset_name / "gt_segmentations"] if preprocessed else []
+        )
+        gt_folder = next((o for o in options if o.is_dir()), None)
+        if gt_folder is None:
+            raise CompareInputError(
+                f"no GT folder for {dataset_name}: looked for {', '.join(map(str, options)) or 'nothing'} "
+                "(set nnUNet_raw or nnUNet_preprocessed, or pass --gt)"
+            )
+    if pet_folder is None:
+        if raw is None:
+            raise CompareInputError("nnUNet_raw is not set; export it or pass --pet FOLDER")
+        pet_folder = raw / dataset_name / "imagesTr"
+    cases = assemble_cases(predictions, gt_folder, pet_folder, pet_channel, file_ending, fold_maps)
+    inputs = {
+        "mode": "nnunet",
+        "dataset": dataset_name,
+        "configuration": configuration,
+        "plans": plans,
+        "folds": list(folds),
+        "predictions": {t: str(f.resolve()) for t, f in folders.items()},
+        "gt_folder": str(Path(gt_folder).resolve()),
+        "pet_folder": str(Path(pet_folder).resolve()),
+        "pet_channel": pet_channel,
+        "file_ending": file_ending,
+    }
+    return cases, inputs

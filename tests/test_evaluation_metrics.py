@@ -1,0 +1,332 @@
+"""Metrics on hand-built cases whose every number is known (docs/evaluation.md definitions)."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from nnunetv2_l1dfl.evaluation import metrics as M
+
+SPACING = (2.0, 1.0, 1.0)  # one voxel = 0.002 ml
+VOXEL_ML = 0.002
+
+
+def case(shape=(6, 12, 12)):
+    return np.zeros(shape, dtype=bool), np.ones(shape, dtype=np.float32)
+
+
+def score(gt_mask, pred_mask, suv, criterion="suvmax", **kwargs):
+    gt = M.analyse_ground_truth(gt_mask, suv, SPACING)
+    return gt, M.evaluate_prediction(gt, pred_mask, suv, criterion=criterion, **kwargs)
+
+
+def counts(evaluation):
+    return evaluation.tp, evaluation.fp, evaluation.fn
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+
+def test_ground_truth_lesion_statistics():
+    gt_mask, suv = case()
+    gt_mask[1:3, 1:4, 1:4] = True  # 18 voxels
+    gt_mask[4, 8, 8:10] = True  # 2 voxels, one slice thick
+    suv[1:3, 1:4, 1:4] = 2.0
+    suv[2, 3, 3] = 7.0
+    suv[4, 8, 8:10] = (4.0, 6.0)
+    gt = M.analyse_ground_truth(gt_mask, suv, SPACING)
+    assert gt.n_lesions == 2
+    np.testing.assert_array_equal(gt.voxel_counts, [18, 2])
+    np.testing.assert_allclose(gt.volume_ml, [18 * VOXEL_ML, 2 * VOXEL_ML])
+    np.testing.assert_allclose(gt.suv_max, [7.0, 6.0])
+    np.testing.assert_allclose(gt.suv_mean, [(17 * 2 + 7) / 18, 5.0])
+    np.testing.assert_allclose(gt.tla, [(17 * 2 + 7) * VOXEL_ML, 10 * VOXEL_ML])
+    np.testing.assert_array_equal(gt.suvmax_zyx, [[2, 3, 3], [4, 8, 9]])
+    assert gt.tmtv_ml == pytest.approx(20 * VOXEL_ML)
+    # Dmax between voxel centres (1, 1, 1) and (4, 8, 9): 6 mm, 7 mm, 8 mm apart
+    assert gt.dmax_mm == pytest.approx(math.sqrt(6**2 + 7**2 + 8**2))
+    row = M.ground_truth_case_metrics(gt)
+    assert row["scenario"] == "multiple" and row["n_lesions_gt"] == 2 and row["disease_gt"]
+
+
+def test_non_finite_pet_inside_lesion_is_an_error():
+    gt_mask, suv = case()
+    gt_mask[1, 1, 1] = True
+    suv[1, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        M.analyse_ground_truth(gt_mask, suv, SPACING)
+
+
+@pytest.mark.parametrize(
+    "offset, connectivity, n_expected",
+    [((0, 1, 1), 6, 2), ((0, 1, 1), 18, 1), ((1, 1, 1), 18, 2), ((1, 1, 1), 26, 1), ((0, 0, 1), 6, 1)],
+)
+def test_connectivity(offset, connectivity, n_expected):
+    mask, _ = case()
+    mask[2, 2, 2] = True
+    mask[2 + offset[0], 2 + offset[1], 2 + offset[2]] = True
+    assert M.label_lesions(mask, connectivity)[1] == n_expected
+
+
+def test_bad_connectivity_is_rejected():
+    with pytest.raises(ValueError, match="connectivity"):
+        M.label_lesions(np.zeros((2, 2, 2), bool), 8)
+
+
+# ----------------------------------------------------------------------------- detection cases
+
+
+def test_split_prediction():
+    """One GT lesion (z 1-2, y 1-6, x 1-2: 24 voxels, SUVmax at (1, 1, 1)) predicted as two
+    components: P1 = y 1-2 (8 voxels, holds the SUVmax voxel), P2 = y 5-6 (8 voxels)."""
+    gt_mask, suv = case()
+    gt_mask[1:3, 1:7, 1:3] = True
+    suv[1, 1, 1] = 9.0
+    pred = np.zeros_like(gt_mask)
+    pred[1:3, 1:3, 1:3] = True
+    pred[1:3, 5:7, 1:3] = True
+    expected = {"suvmax": (1, 0, 0), "overlap": (1, 0, 0), "iou": (1, 1, 0), "lymphoma_crit3": (1, 1, 0)}
+    for criterion, tp_fp_fn in expected.items():
+        _, ev = score(gt_mask, pred, suv, criterion)
+        assert counts(ev) == tp_fp_fn, criterion
+        assert ev.n_lesions_pred == 2
+        assert ev.dice == pytest.approx(2 * 16 / (24 + 16))
+        # lesion DSC against the union of both components
+        assert ev.lesion_dice[0] == pytest.approx(2 * 16 / (24 + 16))
+        assert ev.fpv_ml == 0.0 and ev.fnv_ml == 0.0
+    _, ev = score(gt_mask, pred, suv, "iou")
+    assert ev.f1 == pytest.approx(2 / 3)
+
+
+def test_merged_prediction():
+    """Two GT lesions (8 voxels each) joined by one predicted component of 24 voxels (both lesions
+    and the 8 voxels between them). Its IoU with each lesion is 8/24; on this tie crit3 pairs it
+    with the lower label, GT1, whose SUVmax voxel it holds: TP 1, FN 1."""
+    gt_mask, suv = case()
+    gt_mask[1:3, 1:3, 1:3] = True
+    gt_mask[1:3, 1:3, 5:7] = True
+    suv[1, 1, 1] = 8.0
+    suv[1, 1, 5] = 9.0
+    pred = np.zeros_like(gt_mask)
+    pred[1:3, 1:3, 1:7] = True  # 24 voxels including the 8 voxels between the lesions
+    expected = {"suvmax": (2, 0, 0), "overlap": (2, 0, 0), "iou": (1, 0, 1), "lymphoma_crit3": (1, 0, 1)}
+    for criterion, tp_fp_fn in expected.items():
+        gt, ev = score(gt_mask, pred, suv, criterion)
+        assert counts(ev) == tp_fp_fn, criterion
+        assert gt.n_lesions == 2 and ev.n_lesions_pred == 1
+        np.testing.assert_allclose(ev.lesion_dice, [2 * 8 / (8 + 24)] * 2)
+        assert ev.dice == pytest.approx(2 * 16 / (16 + 24))
+    _, ev = score(gt_mask, pred, suv, "iou", iou_threshold=0.5)  # IoU 1/3 < 0.5: nothing matches
+    assert counts(ev) == (0, 1, 2)
+
+
+def test_lymphoma_crit3_pairs_component_with_highest_iou_lesion():
+    """A component covering all of GT2 (8 voxels) and one voxel of GT1, where GT1's SUVmax lies:
+    IoU with GT2 is 8/10 (with GT1 1/17), so it is judged against GT2 and holds GT2's SUVmax -> TP for GT2; GT1 is FN
+    under crit3 although the suvmax criterion counts both."""
+    gt_mask, suv = case()
+    gt_mask[1:3, 1:3, 1:3] = True  # GT1
+    gt_mask[1:3, 1:3, 4:6] = True  # GT2, separated by x = 3
+    suv[1, 1, 2] = 9.0  # GT1's SUVmax
+    suv[1, 1, 4] = 8.0  # GT2's SUVmax
+    pred = np.zeros_like(gt_mask)
+    pred[1:3, 1:3, 4:6] = True
+    pred[1, 1, 2:4] = True  # bridge into GT1 through (1, 1, 3)
+    _, crit3 = score(gt_mask, pred, suv, "lymphoma_crit3")
+    _, suvmax = score(gt_mask, pred, suv, "suvmax")
+    assert counts(crit3) == (1, 0, 1)
+    np.testing.assert_array_equal(crit3.lesion_detected, [False, True])
+    assert counts(suvmax) == (2, 0, 0)
+
+
+def test_missed_suvmax_voxel():
+    """The prediction covers the whole lesion but its SUVmax voxel: FN (not FP) under suvmax, TP
+    under overlap; DSC 2*17/(18+17)."""
+    gt_mask, suv = case()
+    gt_mask[1:3, 1:4, 1:4] = True
+    suv[2, 2, 2] = 9.0
+    pred = gt_mask.copy()
+    pred[2, 2, 2] = False
+    _, ev = score(gt_mask, pred, suv, "suvmax")
+    assert counts(ev) == (0, 0, 1)
+    assert ev.f1 == 0.0
+    assert ev.dice == pytest.approx(34 / 35)
+    assert ev.lesion_dice[0] == pytest.approx(34 / 35)
+    assert ev.fnv_ml == 0.0  # the lesion is touched
+    _, ev = score(gt_mask, pred, suv, "overlap")
+    assert counts(ev) == (1, 0, 0)
+
+
+def test_false_positives_and_volumes():
+    """GT: one 18-voxel lesion (SUV 2, hottest 4) predicted exactly, plus FP blobs of 4 and 1
+    voxels (SUV 1) and a second GT lesion (2 voxels) that is missed."""
+    gt_mask, suv = case()
+    gt_mask[1:3, 1:4, 1:4] = True
+    suv[1:3, 1:4, 1:4] = 2.0
+    suv[1, 1, 1] = 4.0
+    gt_mask[5, 10, 10:12] = True
+    pred = np.zeros_like(gt_mask)
+    pred[1:3, 1:4, 1:4] = True
+    pred[0, 8:10, 8:10] = True
+    pred[5, 0, 0] = True
+    gt, ev = score(gt_mask, pred, suv)
+    assert counts(ev) == (1, 2, 1)
+    assert ev.f1 == pytest.approx(2 / (2 + 2 + 1))
+    assert ev.fpv_ml == pytest.approx(5 * VOXEL_ML)
+    assert ev.fnv_ml == pytest.approx(2 * VOXEL_ML)
+    assert ev.tmtv_pred_ml == pytest.approx(23 * VOXEL_ML)
+    assert ev.tla_pred == pytest.approx((17 * 2 + 4 + 5 * 1) * VOXEL_ML)
+    assert ev.dice == pytest.approx(2 * 18 / (20 + 23))
+    np.testing.assert_allclose(ev.lesion_dice, [1.0, 0.0])
+    np.testing.assert_array_equal(ev.lesion_detected, [True, False])
+    assert gt.tmtv_ml == pytest.approx(20 * VOXEL_ML)
+
+
+def test_empty_cases_follow_the_policy():
+    empty, suv = case()
+    gt, ev = score(empty, empty, suv)
+    assert math.isnan(ev.dice) and math.isnan(ev.f1)
+    assert counts(ev) == (0, 0, 0) and ev.fpv_ml == 0.0 and ev.fnv_ml == 0.0
+    assert math.isnan(gt.dmax_mm) and gt.n_lesions == 0
+    assert M.ground_truth_case_metrics(gt)["scenario"] == "negative"
+    _, ev = score(empty, empty, suv, empty_policy="one")
+    assert ev.dice == 1.0 and ev.f1 == 1.0
+
+    pred = empty.copy()
+    pred[2, 2, 2:4] = True
+    _, ev = score(empty, pred, suv)  # empty GT, a prediction
+    assert ev.dice == 0.0 and ev.f1 == 0.0 and counts(ev) == (0, 1, 0)
+    assert ev.fpv_ml == pytest.approx(2 * VOXEL_ML)
+    for criterion in M.CRITERIA:
+        assert counts(score(empty, pred, suv, criterion)[1]) == (0, 1, 0)
+
+    _, ev = score(pred, empty, suv)  # a lesion, no prediction
+    assert ev.dice == 0.0 and ev.f1 == 0.0 and counts(ev) == (0, 0, 1)
+    assert ev.fnv_ml == pytest.approx(2 * VOXEL_ML)
+    np.testing.assert_array_equal(ev.lesion_dice, [0.0])
+
+
+def test_suvmax_ties_resolve_to_first_voxel_in_array_order():
+    gt_mask, suv = case()
+    gt_mask[1:3, 1:3, 1:3] = True
+    suv[1, 2, 2] = 6.0  # first in array order of the two maxima
+    suv[2, 1, 1] = 6.0
+    gt = M.analyse_ground_truth(gt_mask, suv, SPACING)
+    np.testing.assert_array_equal(gt.suvmax_zyx, [[1, 2, 2]])
+    second_only = np.zeros_like(gt_mask)
+    second_only[2, 1, 1] = True
+    first_only = np.zeros_like(gt_mask)
+    first_only[1, 2, 2] = True
+    assert counts(M.evaluate_prediction(gt, second_only, suv)) == (0, 0, 1)
+    assert counts(M.evaluate_prediction(gt, first_only, suv)) == (1, 0, 0)
+
+
+def test_single_voxel_and_one_slice_lesions():
+    gt_mask, suv = case()
+    gt_mask[3, 5, 5] = True
+    gt, ev = score(gt_mask, gt_mask, suv)
+    assert gt.dmax_mm == 0.0 and ev.dice == 1.0 and counts(ev) == (1, 0, 0)
+    slab, _ = case()
+    slab[2, 1:6, 2:9] = True  # one slice, 5 x 7 voxels
+    assert M.dmax_mm(slab, SPACING) == pytest.approx(math.hypot(4, 6))
+    line, _ = case()
+    line[1:5, 3, 3] = True  # collinear along z
+    assert M.dmax_mm(line, SPACING) == pytest.approx(6.0)
+
+
+def _dmax_oracle(mask, spacing):
+    """All pairs with explicit loops over coordinate lists (slow, for small masks only)."""
+    points = [np.array(p) * np.array(spacing) for p in zip(*np.nonzero(mask))]
+    return max((float(np.sqrt(((a - b) ** 2).sum())) for a, b in itertools.combinations(points, 2)), default=0.0)
+
+
+def test_dmax_matches_all_pairs_oracle_on_random_masks():
+    rng = np.random.default_rng(7)
+    for _ in range(12):
+        mask = rng.random((5, 7, 6)) < rng.uniform(0.02, 0.4)
+        if not mask.any():
+            continue
+        spacing = tuple(rng.uniform(0.5, 3.0, 3))
+        assert M.dmax_mm(mask, spacing) == pytest.approx(_dmax_oracle(mask, spacing), rel=1e-12)
+
+
+def test_max_pairwise_distance_degenerate_sets():
+    assert M.max_pairwise_distance(np.zeros((0, 3))) == 0.0
+    assert M.max_pairwise_distance(np.ones((4, 3))) == 0.0
+    square = np.array([[0, 0, 0], [0, 3, 0], [0, 0, 4], [0, 3, 4], [0, 1, 1]], float)
+    assert M.max_pairwise_distance(square) == pytest.approx(5.0)
+
+
+# ----------------------------------------------------------------------------- tables and oracle
+
+
+def test_overlap_table_dense_and_sparse_paths_agree(monkeypatch):
+    rng = np.random.default_rng(3)
+    gt_labels, n_gt = M.label_lesions(rng.random((6, 10, 10)) < 0.15)
+    pred_labels, n_pred = M.label_lesions(rng.random((6, 10, 10)) < 0.15)
+    dense = M.overlap_table(gt_labels, pred_labels, n_gt, n_pred)
+    monkeypatch.setattr(M, "_DENSE_PAIR_LIMIT", 0)
+    sparse = M.overlap_table(gt_labels, pred_labels, n_gt, n_pred)
+    np.testing.assert_array_equal(dense.dense(), sparse.dense())
+    # against a loop over component pairs
+    table = dense.dense()
+    for i in range(1, n_gt + 1):
+        for j in range(1, n_pred + 1):
+            assert table[i, j] == np.count_nonzero((gt_labels == i) & (pred_labels == j))
+        assert table[i, 0] == np.count_nonzero((gt_labels == i) & (pred_labels == 0))
+
+
+def _oracle(gt_mask, pred_mask, suv):
+    """Per-component loops, written independently of the vectorised code."""
+    gt_labels, n_gt = M.label_lesions(gt_mask)
+    pred_labels, n_pred = M.label_lesions(pred_mask)
+    tp_suvmax = tp_overlap = 0
+    fnv = 0
+    lesion_dice = []
+    for i in range(1, n_gt + 1):
+        lesion = gt_labels == i
+        values = np.where(lesion, suv, -np.inf).ravel()
+        hottest = int(np.argmax(values))  # argmax returns the first maximum in array order
+        tp_suvmax += bool(pred_mask.ravel()[hottest])
+        touching = set(np.unique(pred_labels[lesion])) - {0}
+        tp_overlap += bool(touching)
+        fnv += 0 if touching else lesion.sum()
+        union = np.isin(pred_labels, list(touching)) if touching else np.zeros_like(lesion)
+        lesion_dice.append(2 * (lesion & union).sum() / (lesion.sum() + union.sum()) if touching else 0.0)
+    fp = fpv = 0
+    for j in range(1, n_pred + 1):
+        component = pred_labels == j
+        if not (component & gt_mask).any():
+            fp += 1
+            fpv += component.sum()
+    return tp_suvmax, tp_overlap, fp, n_gt, fpv, fnv, lesion_dice
+
+
+def test_against_loop_oracle_on_random_cases():
+    rng = np.random.default_rng(11)
+    for _ in range(6):
+        gt_mask = rng.random((6, 12, 12)) < 0.08
+        pred_mask = (gt_mask & (rng.random(gt_mask.shape) < 0.7)) | (rng.random(gt_mask.shape) < 0.04)
+        suv = rng.integers(1, 6, gt_mask.shape).astype(np.float32)  # many ties
+        tp_suvmax, tp_overlap, fp, n_gt, fpv, fnv, lesion_dice = _oracle(gt_mask, pred_mask, suv)
+        _, ev = score(gt_mask, pred_mask, suv, "suvmax")
+        assert counts(ev) == (tp_suvmax, fp, n_gt - tp_suvmax)
+        assert ev.fpv_ml == pytest.approx(fpv * VOXEL_ML) and ev.fnv_ml == pytest.approx(fnv * VOXEL_ML)
+        np.testing.assert_allclose(ev.lesion_dice, lesion_dice)
+        assert ev.dice == pytest.approx(M.dice_score(gt_mask, pred_mask))
+        _, ev = score(gt_mask, pred_mask, suv, "overlap")
+        assert counts(ev) == (tp_overlap, fp, n_gt - tp_overlap)
+
+
+def test_lesion_table_rows():
+    gt_mask, suv = case()
+    gt_mask[1:3, 1:3, 1:3] = True
+    suv[1:3, 1:3, 1:3] = 4.0
+    rows = M.lesion_table(M.analyse_ground_truth(gt_mask, suv, SPACING))
+    assert rows == [
+        {
+            "lesion_id": 1, "volume_ml": pytest.approx(8 * VOXEL_ML), "n_voxels": 8, "suv_max": 4.0,
+            "suv_mean": 4.0, "tla": pytest.approx(32 * VOXEL_ML), "suvmax_z": 1, "suvmax_y": 1, "suvmax_x": 1,
+        }
+    ]  # fmt: skip
