@@ -248,6 +248,18 @@ def test_fp16_input_gives_fp32_result(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_region_computes_in_float32(backend):
+    # nnU-Net's train_step calls the loss under autocast; the result must equal the float32 computation
+    x, target = make_case(3, 3, seed=21)
+    x = x.bfloat16()
+    loss = L1DFLLoss(backend=backend)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        inside = loss(x, target)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, loss(x.float(), target), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("regions", [False, True])
 def test_empty_and_fully_ignored_patches_are_finite(backend, regions):
     shape = (2, 2, 5, 5, 5)

@@ -357,15 +357,17 @@ class L1DFLLoss(nn.Module):
 
     def components(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weighted Dice loss, focal loss)``; their sum is :meth:`forward`."""
-        stats = self.statistics(logits, target)
-        return reduce_bin_statistics(
-            stats,
-            n_per_unit=self.n_per_unit,
-            smooth=self.smooth,
-            batch_dice=self.batch_dice,
-            ddp=self.ddp,
-            weighted=self.weighted,
-        )
+        # nnU-Net calls the loss inside autocast: opt out so that nothing here runs in half precision
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            stats = self.statistics(logits, target)
+            return reduce_bin_statistics(
+                stats,
+                n_per_unit=self.n_per_unit,
+                smooth=self.smooth,
+                batch_dice=self.batch_dice,
+                ddp=self.ddp,
+                weighted=self.weighted,
+            )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         dice_loss, focal_loss = self.components(logits, target)
