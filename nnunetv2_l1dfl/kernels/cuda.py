@@ -71,6 +71,30 @@ def _load_compute(ptr, offs, mask, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _softmax_block_prologue(
+    x_ptr, t_ptr, b64, pid, V, ignore_label,
+    C: tl.constexpr, HAS_IGNORE: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Shared start of the softmax kernels for one block of voxels of sample ``b64``: offsets, the
+    in-range and valid masks, the labels, the sample's logits base pointer, and the softmax's
+    running max and sum of exponentials (recomputed identically forward and backward)."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < V
+    label = tl.load(t_ptr + b64 * V + offs, mask=in_range, other=0).to(tl.int32)
+    valid = in_range
+    if HAS_IGNORE:
+        valid = valid & (label != ignore_label)
+    x_base = x_ptr + b64 * C * V
+    vmax = _load_compute(x_base, offs, in_range, IS_FP64)
+    for c in tl.static_range(1, C):
+        vmax = tl.maximum(vmax, _load_compute(x_base + c * V, offs, in_range, IS_FP64))
+    vsum = tl.zeros_like(vmax)
+    for c in tl.static_range(C):
+        vsum += tl.exp(_load_compute(x_base + c * V, offs, in_range, IS_FP64) - vmax)
+    return offs, in_range, label, valid, x_base, vmax, vsum
+
+
+@triton.jit
 def _softmax_forward_kernel(
     x_ptr, t_ptr, counts_ptr, inter_ptr, union_ptr, focal_ptr,
     V, ignore_label, gamma,
@@ -80,23 +104,11 @@ def _softmax_forward_kernel(
     """Partial statistics of one block of voxels of sample b: counts (B, P, KP) int32,
     inter/union (B, P, C, KP), focal (B, P); P = number of blocks per sample."""
     pid = tl.program_id(0)
-    b = tl.program_id(1)
     num_programs = tl.num_programs(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < V
-    b64 = b.to(tl.int64)
-    label = tl.load(t_ptr + b64 * V + offs, mask=in_range, other=0).to(tl.int32)
-    valid = in_range
-    if HAS_IGNORE:
-        valid = valid & (label != ignore_label)
-
-    x_base = x_ptr + b64 * C * V
-    vmax = _load_compute(x_base, offs, in_range, IS_FP64)
-    for c in tl.static_range(1, C):
-        vmax = tl.maximum(vmax, _load_compute(x_base + c * V, offs, in_range, IS_FP64))
-    vsum = tl.zeros_like(vmax)
-    for c in tl.static_range(C):
-        vsum += tl.exp(_load_compute(x_base + c * V, offs, in_range, IS_FP64) - vmax)
+    b64 = tl.program_id(1).to(tl.int64)
+    offs, in_range, label, valid, x_base, vmax, vsum = _softmax_block_prologue(
+        x_ptr, t_ptr, b64, pid, V, ignore_label, C, HAS_IGNORE, IS_FP64, BLOCK
+    )
 
     bins = tl.arange(0, KP)
     counts = tl.zeros((KP,), tl.int32)
@@ -133,21 +145,10 @@ def _softmax_backward_kernel(
 ):  # fmt: skip
     """grad (B, C, V) in the logits' dtype, recomputing p and the bins from the logits."""
     pid = tl.program_id(0)
-    b = tl.program_id(1)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < V
-    b64 = b.to(tl.int64)
-    label = tl.load(t_ptr + b64 * V + offs, mask=in_range, other=0).to(tl.int32)
-    valid = in_range
-    if HAS_IGNORE:
-        valid = valid & (label != ignore_label)
-    x_base = x_ptr + b64 * C * V
-    vmax = _load_compute(x_base, offs, in_range, IS_FP64)
-    for c in tl.static_range(1, C):
-        vmax = tl.maximum(vmax, _load_compute(x_base + c * V, offs, in_range, IS_FP64))
-    vsum = tl.zeros_like(vmax)
-    for c in tl.static_range(C):
-        vsum += tl.exp(_load_compute(x_base + c * V, offs, in_range, IS_FP64) - vmax)
+    b64 = tl.program_id(1).to(tl.int64)
+    offs, in_range, label, valid, x_base, vmax, vsum = _softmax_block_prologue(
+        x_ptr, t_ptr, b64, pid, V, ignore_label, C, HAS_IGNORE, IS_FP64, BLOCK
+    )
     g_focal = tl.load(g_focal_ptr).to(vmax.dtype)
     num_bins = N_PER_UNIT + 1
     # sum_j p_j G_j and the target class's logit and probability

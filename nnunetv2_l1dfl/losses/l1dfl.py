@@ -328,17 +328,12 @@ class L1DFLLoss(nn.Module):
     def statistics(self, logits: torch.Tensor, target: torch.Tensor) -> BinStatistics:
         """The per-bin statistics of one call, from the fused kernel or the reference path."""
         check_shapes(logits, target, self.regions, self.ignore_label)
+        options = dict(n_per_unit=self.n_per_unit, gamma=self.gamma, regions=self.regions,
+                       ignore_label=self.ignore_label)
         if self.backend != "reference":
             from nnunetv2_l1dfl.kernels import fused_bin_statistics
 
-            stats = fused_bin_statistics(
-                logits,
-                target,
-                n_per_unit=self.n_per_unit,
-                gamma=self.gamma,
-                regions=self.regions,
-                ignore_label=self.ignore_label,
-            )
+            stats = fused_bin_statistics(logits, target, **options)
             if stats is not None:
                 return stats
             if self.backend == "fused":
@@ -346,14 +341,7 @@ class L1DFLLoss(nn.Module):
                     f"backend='fused' but no fused L1DFL kernel is available for {logits.device.type} "
                     "tensors (numba on CPU, Triton on CUDA); run `l1dfl doctor`"
                 )
-        return bin_statistics_reference(
-            logits,
-            target,
-            n_per_unit=self.n_per_unit,
-            gamma=self.gamma,
-            regions=self.regions,
-            ignore_label=self.ignore_label,
-        )
+        return bin_statistics_reference(logits, target, **options)
 
     def components(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weighted Dice loss, focal loss)``; their sum is :meth:`forward`."""
