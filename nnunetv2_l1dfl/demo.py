@@ -54,16 +54,22 @@ _FINGERPRINT_KEYS = ("cases", "seed", "size", "dataset_id", "dataset_name", "epo
 
 
 class DemoStageError(RuntimeError):
-    """A stage failed; the message names the stage and the log file to read."""
+    """A stage failed; the message names the stage, the log file to read and the output's last lines."""
 
-    def __init__(self, stage: str, log_path: Path | None, detail: str):
+    def __init__(self, stage: str, log_path: Path | None, detail: str, tail: Sequence[str] = ()):
         self.stage, self.log_path = stage, log_path
-        where = f"; read {log_path}" if log_path else ""
-        super().__init__(f"stage '{stage}' failed: {detail}{where}")
+        message = f"stage '{stage}' failed: {detail}"
+        if log_path is not None:
+            message += f"; read {log_path}"
+        if tail:
+            message += "\n  last lines of its output:\n    " + "\n    ".join(tail)
+        super().__init__(message)
 
 
 @dataclass
 class DemoConfig:
+    """Settings of one demo run (see ``l1dfl demo --help``); ``workers`` is ``-np``."""
+
     workdir: Path
     cases: int = 20
     seed: int = 0
@@ -129,6 +135,22 @@ class WorkFolder:
         self.marker(stage).unlink(missing_ok=True)
 
 
+def checkout_root(package_init: Path) -> str | None:
+    """The folder holding the ``nnunetv2_l1dfl`` package when it runs from a checkout, else None.
+
+    An installed package needs no PYTHONPATH entry, and must not get one: putting site-packages on
+    PYTHONPATH ranks it before the standard library, and the ``argparse`` 1.4 backport that
+    nnU-Net's dependencies install there would then shadow the standard ``argparse``.
+    """
+    import site
+    import sysconfig
+
+    parent = os.path.realpath(package_init.resolve().parents[1])
+    site_dirs = set(site.getsitepackages()) | {site.getusersitepackages()}
+    site_dirs |= {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    return None if parent in {os.path.realpath(d) for d in site_dirs} else parent
+
+
 def subprocess_environment(work: WorkFolder, device: str) -> dict[str, str]:
     """The environment of every stage: nnU-Net folders inside the work folder, our trainer folders."""
     import nnunetv2_l1dfl
@@ -140,9 +162,10 @@ def subprocess_environment(work: WorkFolder, device: str) -> dict[str, str]:
     # The generated short-schedule trainers, then this package's own (also when it is not installed).
     package_trainers = Path(nnunetv2_l1dfl.__file__).resolve().parent / "nnunet_trainers"
     env["nnUNet_extTrainer"] = os.pathsep.join([str(work.trainers), str(package_trainers)])
-    # Subprocesses import the same nnunetv2_l1dfl as this process (a checkout or the installed package).
-    package_parent = str(Path(nnunetv2_l1dfl.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # Subprocesses import the same nnunetv2_l1dfl as this process: a checkout goes on PYTHONPATH.
+    checkout = checkout_root(Path(nnunetv2_l1dfl.__file__))
+    if checkout is not None:
+        env["PYTHONPATH"] = os.pathsep.join([checkout] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("nnUNet_compile", "f")  # compiling costs minutes; the demo's runs are short
     cpus = os.cpu_count() or 1
     # Data-augmentation workers, and nnU-Net's default process count: its export pool at validation
@@ -157,13 +180,14 @@ def subprocess_environment(work: WorkFolder, device: str) -> dict[str, str]:
 
 def run_logged(stage: str, cmd: Sequence[str], env: dict[str, str], log_path: Path,
                on_line: Callable[[str], None] | None = None) -> None:
-    """Run ``cmd``, writing its stdout and stderr to ``log_path``; raise DemoStageError on failure.
+    """Run ``cmd``, appending its stdout and stderr to ``log_path``; raise DemoStageError on failure.
 
-    ``on_line`` sees each output line (progress parsing). The log starts with the command line.
+    ``on_line`` sees each output line (progress parsing). Each run's part of the log starts with
+    the time and the command line; earlier attempts stay above it.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w", encoding="utf-8") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')}\n$ " + " ".join(cmd) + "\n")
         log.flush()
         try:
             proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
@@ -184,7 +208,7 @@ def run_logged(stage: str, cmd: Sequence[str], env: dict[str, str], log_path: Pa
         code = proc.wait()
     if code != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
-        raise DemoStageError(stage, log_path, f"exit code {code}; last lines:\n    " + "\n    ".join(tail))
+        raise DemoStageError(stage, log_path, f"exit code {code}", tail)
 
 
 def _python_entry(module: str, function: str, prog: str) -> list[str]:
@@ -279,7 +303,7 @@ def _stage_phantom(cfg: DemoConfig, work: WorkFolder, progress: Progress) -> dic
     from nnunetv2_l1dfl.phantom.generate import generate_cohort
 
     log_path = work.log("phantom")
-    handler = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+    handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     phantom_logger = logging.getLogger("nnunetv2_l1dfl.phantom")
     phantom_logger.addHandler(handler)

@@ -111,8 +111,11 @@ def test_failed_stage_names_stage_and_log(tmp_path):
     message = str(info.value)
     assert "stage 'convert' failed" in message and "exit code 3" in message and str(log) in message
     assert "no PET series found" in message
-    assert log.read_text().startswith("$ ") and "reading DICOM" in log.read_text()
+    assert log.read_text().startswith("==== ") and "\n$ " in log.read_text() and "reading DICOM" in log.read_text()
     assert [s.strip() for s in seen] == ["reading DICOM", "no PET series found"]
+    with pytest.raises(DemoStageError):  # a second attempt appends: the first one's output is kept
+        run_logged("convert", cmd, {"PATH": ""}, log)
+    assert log.read_text().splitlines().count("no PET series found") == 2
 
 
 def test_work_folder_rules_and_environment(tmp_path, monkeypatch):
@@ -160,3 +163,18 @@ def test_cap_plans_keeps_a_consistent_topology(tmp_path):
         assert size % int(np.prod([s[axis] for s in arch["strides"]])) == 0, "patch divisible by the poolings"
     assert json.loads((tmp_path / "nnUNetPlans.json.orig").read_text()) == plans
     assert cap_3d_fullres_plans(path, max_patch=48, base_features=16) == change  # idempotent
+
+
+def test_installed_package_is_not_put_on_pythonpath(tmp_path):
+    # site-packages on PYTHONPATH would outrank the standard library (the argparse backport shadowed it)
+    import site
+    from pathlib import Path
+
+    from nnunetv2_l1dfl.demo import checkout_root
+
+    installed = Path(site.getsitepackages()[0]) / "nnunetv2_l1dfl" / "__init__.py"
+    assert checkout_root(installed) is None
+    checkout = tmp_path / "repo" / "nnunetv2_l1dfl" / "__init__.py"
+    checkout.parent.mkdir(parents=True)
+    checkout.touch()
+    assert checkout_root(checkout) == os.path.realpath(tmp_path / "repo")
