@@ -15,6 +15,7 @@ import torch
 
 if __name__ == "__main__":  # run as a script from anywhere: the working tree comes first
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nnunetv2_l1dfl.losses.l1dfl import bin_statistics_reference  # noqa: E402
 
@@ -146,7 +147,64 @@ def check_triton_interpreter() -> int:
     return 1 if failures else 0
 
 
+def check_triton_no_host_sync() -> int:
+    """L1DFLLoss forward + backward through the Triton kernels (interpreter, CPU tensors) under
+    :class:`HostSyncGuard`, with nnU-Net's deep-supervision wrapper: 0 when no syncing op is seen.
+
+    The guard is paused during the kernel launches alone: the interpreter itself moves data on the
+    host, which a compiled launch does not. Everything around them (target cast, partial sums,
+    weights, Dice, focal, the wrapper, autograd) is watched.
+    """
+    from _sync_guard import HostSyncGuard
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    import nnunetv2_l1dfl.kernels as kernels
+    from nnunetv2_l1dfl.kernels import cuda
+    from nnunetv2_l1dfl.losses.l1dfl import L1DFLLoss
+
+    class Unguarded:
+        """A Triton kernel whose launches run with the guard paused."""
+
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                with _disable_current_modes():
+                    return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    kernel_names = [f"_{kind}_{step}_kernel" for kind in ("softmax", "sigmoid") for step in ("forward", "backward")]
+    for name in kernel_names:
+        setattr(cuda, name, Unguarded(getattr(cuda, name)))
+    kernels.backend_for = lambda device: cuda  # CPU tensors take the Triton path
+    failures = 0
+    cases = [
+        ("softmax, ignore label", False, 255, 3),
+        ("regions, ignore mask", True, 1, 2),
+    ]
+    for label, regions, ignore, channels in cases:
+        scales = [(2, 6, 5, 4), (2, 3, 3, 2)]
+        inputs = [make_case(s, channels, n_per_unit=10, regions=regions, ignore_label=ignore, seed=i)
+                  for i, s in enumerate(scales)]
+        outputs = [x.clone().requires_grad_() for x, _ in inputs]
+        targets = [t for _, t in inputs]
+        loss_fn = DeepSupervisionWrapper(L1DFLLoss(regions=regions, ignore_label=ignore, backend="fused"), (2 / 3, 1 / 3))
+        with HostSyncGuard() as guard:
+            loss = loss_fn(outputs, targets)
+            loss.backward()
+        if guard.syncs or any(o.grad is None for o in outputs) or not torch.isfinite(loss):
+            failures += 1
+            print(f"SYNC {label}: {guard.syncs}", file=sys.stderr)
+        else:
+            print(f"no sync {label} ({guard.seen} ops)")
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["triton"]:
-        sys.exit("usage: TRITON_INTERPRET=1 python tests/_kernels_helpers.py triton")
-    sys.exit(check_triton_interpreter())
+    modes = {"triton": check_triton_interpreter, "triton-sync": check_triton_no_host_sync}
+    if len(sys.argv) != 2 or sys.argv[1] not in modes:
+        sys.exit(f"usage: TRITON_INTERPRET=1 python tests/_kernels_helpers.py {{{','.join(modes)}}}")
+    sys.exit(modes[sys.argv[1]]())
