@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if not status.startswith("ok"):
             failures += 1
         if args.all_trainers or not status.startswith("ok") or name in (
-                "nnUNetTrainer", "nnUNetTrainerL1DFL", "nnUNetTrainerDiceFocal"):
+                "nnUNetTrainer", "nnUNetTrainerL1DFL", "nnUNetTrainerDiceFocal", "nnUNetTrainerSquaredDice"):
             print(f"  {name:<40} {status}")
     total = len(report["trainers"])
     print(f"  ... {total - failures}/{total} trainer names resolve"

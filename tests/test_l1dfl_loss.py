@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_l1dfl import DiceFocalLoss, L1DFLLoss
+from nnunetv2_l1dfl import DiceFocalLoss, L1DFLLoss, SquaredDiceLoss
 from nnunetv2_l1dfl.losses.l1dfl import bin_index, bins_per_unit
 
 BACKENDS = ["reference", "auto"]
@@ -137,6 +137,23 @@ def test_dice_focal_baseline_matches_unweighted_oracle(backend):
     ref_value, ref_grad = value_and_grad(lambda a, b: oracle_l1dfl(a, b, 0.1, 2.0, weighted=False)[0], x, target)
     torch.testing.assert_close(value.double(), ref_value, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("regions", [False, True])
+def test_squared_dice_baseline_matches_oracle_dice_term(backend, regions):
+    """The paper's DL: the oracle's unweighted Dice term alone, value and gradient."""
+    ignore = 1 if regions else 3
+    x, target = make_case(3, 3, seed=9, ignore_label=ignore, regions=regions)
+    loss = SquaredDiceLoss(regions=regions, ignore_label=ignore, backend=backend)
+    value, grad = value_and_grad(loss, x, target)
+    ref_value, ref_grad = value_and_grad(
+        lambda a, b: oracle_l1dfl(a, b, 0.1, 2.0, weighted=False, regions=regions, ignore_label=ignore)[1],
+        x, target)
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-9)
+    with pytest.raises(TypeError, match="focal"):
+        SquaredDiceLoss(focal=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

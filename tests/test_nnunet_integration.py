@@ -54,10 +54,10 @@ LOOKUP = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_cl
 
 
 def test_nnunet_resolves_trainers_in_a_clean_environment(tmp_path):
-    names = ["nnUNetTrainerL1DFL", "nnUNetTrainerDiceFocal", "nnUNetTrainerL1DFL_gamma5_bw0p05",
-             "nnUNetTrainerDiceFocal_250epochs"]
+    names = ["nnUNetTrainerL1DFL", "nnUNetTrainerDiceFocal", "nnUNetTrainerSquaredDice",
+             "nnUNetTrainerL1DFL_gamma5_bw0p05", "nnUNetTrainerDiceFocal_250epochs", "nnUNetTrainerSquaredDice_5epochs"]
     out = run([sys.executable, "-c", LOOKUP, *names], clean_env(), cwd=tmp_path).stdout
-    assert out.split("\n")[:4] == [f"{n} nnunetv2_l1dfl.training.trainers" for n in names]
+    assert out.split("\n")[:6] == [f"{n} nnunetv2_l1dfl.training.trainers" for n in names]
 
 
 def test_user_ext_trainer_entries_still_work(tmp_path):
@@ -77,11 +77,13 @@ def test_trainers_build_their_losses(tmp_path):
 
     from nnunetv2_l1dfl.training import trainers as t
 
-    assert len(t.TRAINER_NAMES) == len(set(t.TRAINER_NAMES)) == 2 + 9 + 2 * len(t.EPOCH_VARIANTS)
+    assert len(t.TRAINER_NAMES) == len(set(t.TRAINER_NAMES)) == 3 + 9 + 3 * len(t.EPOCH_VARIANTS)
     grid = t.nnUNetTrainerL1DFL_gamma5_bw0p05
     assert (grid.l1dfl_gamma, grid.l1dfl_bin_width, grid.l1dfl_weighted) == (5.0, 0.05, True)
     assert t.nnUNetTrainerDiceFocal.l1dfl_weighted is False
     assert t.nnUNetTrainerDiceFocal_5epochs.fixed_num_epochs == 5
+    dl = t.nnUNetTrainerSquaredDice_5epochs
+    assert (dl.l1dfl_weighted, dl.l1dfl_focal, dl.fixed_num_epochs) == (False, False, 5)
 
     class FakeTrainer:  # what deep_supervision_weights reads from a trainer
         is_ddp = False
@@ -100,6 +102,29 @@ def test_trainers_build_their_losses(tmp_path):
     assert t.deep_supervision_weights(ddp)[-1] == pytest.approx(1e-6 / 1.750001)
     wrapped = t.wrap_deep_supervision(FakeTrainer(), torch.nn.Identity())
     assert wrapped.weight_factors == tuple(w)
+
+    class FakeManager:
+        ignore_label, has_regions, batch_dice = None, False, True
+
+    expected = {  # trainer: (weighted, focal, gamma, bin width, name in the training log)
+        t.nnUNetTrainerL1DFL: (True, True, 2.0, 0.1, "L1DFL"),
+        t.nnUNetTrainerL1DFL_gamma1_bw0p2: (True, True, 1.0, 0.2, "L1DFL"),
+        t.nnUNetTrainerDiceFocal: (False, True, 2.0, 0.1, "DFL baseline"),
+        t.nnUNetTrainerSquaredDice: (False, False, 2.0, 0.1, "DL baseline"),
+    }
+    for cls, (weighted, focal, gamma, width, logged) in expected.items():
+        trainer = cls.__new__(cls)  # the attributes _build_loss reads, without plans or a dataset
+        fake = FakeTrainer()
+        trainer.is_ddp, trainer.enable_deep_supervision = False, True
+        trainer._get_deep_supervision_scales = fake._get_deep_supervision_scales
+        trainer._do_i_compile = fake._do_i_compile
+        trainer.label_manager = trainer.configuration_manager = FakeManager()
+        trainer.log = []
+        trainer.print_to_log_file = trainer.log.append
+        loss = trainer._build_loss().loss
+        assert (loss.weighted, loss.focal, loss.gamma, loss.bin_width) == (weighted, focal, gamma, width), cls
+        assert loss.batch_dice is False, "Dice per sample and class unless a trainer asks for batch Dice"
+        assert logged in trainer.log[-1], trainer.log
 
 
 def _write_toy_dataset(raw: Path, dataset_id: int, n_cases: int = 8, size: int = 32) -> str:

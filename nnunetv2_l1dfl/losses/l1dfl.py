@@ -272,6 +272,7 @@ class L1DFLLoss(nn.Module):
         ddp: under ``torch.distributed``, use the global histogram (and gathered Dice sums with
             ``batch_dice``), so N ranks equal one process on the concatenated batch.
         weighted: False gives the paper's DFL baseline (all weights 1).
+        focal: False leaves the focal term out (the paper's DL baseline with ``weighted=False``).
         backend: "auto" (fused kernel when one exists for the device, else reference), "fused"
             (error if none), "reference" (plain PyTorch, autograd backward).
 
@@ -292,6 +293,7 @@ class L1DFLLoss(nn.Module):
         batch_dice: bool = False,
         ddp: bool = False,
         weighted: bool = True,
+        focal: bool = True,
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
@@ -312,6 +314,7 @@ class L1DFLLoss(nn.Module):
         self.batch_dice = bool(batch_dice)
         self.ddp = bool(ddp)
         self.weighted = bool(weighted)
+        self.focal = bool(focal)
         self.backend = backend
 
     @property
@@ -322,7 +325,7 @@ class L1DFLLoss(nn.Module):
         return (
             f"bin_width={self.bin_width:g}, gamma={self.gamma:g}, smooth={self.smooth:g}, "
             f"ignore_label={self.ignore_label}, regions={self.regions}, batch_dice={self.batch_dice}, "
-            f"ddp={self.ddp}, weighted={self.weighted}, backend={self.backend!r}"
+            f"ddp={self.ddp}, weighted={self.weighted}, focal={self.focal}, backend={self.backend!r}"
         )
 
     def statistics(self, logits: torch.Tensor, target: torch.Tensor) -> BinStatistics:
@@ -344,7 +347,8 @@ class L1DFLLoss(nn.Module):
         return bin_statistics_reference(logits, target, **options)
 
     def components(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weighted Dice loss, focal loss)``; their sum is :meth:`forward`."""
+        """``(weighted Dice loss, focal loss)``; :meth:`forward` is their sum (the Dice term alone
+        when ``focal`` is False; the focal loss is still returned, for logging)."""
         # nnU-Net calls the loss inside autocast: opt out so that nothing here runs in half precision
         with torch.autocast(device_type=logits.device.type, enabled=False):
             stats = self.statistics(logits, target)
@@ -359,7 +363,7 @@ class L1DFLLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         dice_loss, focal_loss = self.components(logits, target)
-        return dice_loss + focal_loss
+        return dice_loss + focal_loss if self.focal else dice_loss
 
 
 class DiceFocalLoss(L1DFLLoss):
@@ -371,6 +375,24 @@ class DiceFocalLoss(L1DFLLoss):
 
     def __init__(self, gamma: float = 2.0, **kwargs) -> None:
         kwargs.setdefault("bin_width", 0.1)
-        if "weighted" in kwargs:
-            raise TypeError("DiceFocalLoss is the unweighted loss; use L1DFLLoss for weighting")
+        for fixed in ("weighted", "focal"):
+            if fixed in kwargs:
+                raise TypeError(f"DiceFocalLoss fixes {fixed!r}; use L1DFLLoss to choose it")
         super().__init__(gamma=gamma, weighted=False, **kwargs)
+
+
+class SquaredDiceLoss(L1DFLLoss):
+    """The paper's DL baseline: plain squared-denominator Dice, ``1 - mean_bc (2 I + s) / (U + s)``.
+
+    All weights 1 and no focal term; otherwise the same reductions as :class:`L1DFLLoss` (per
+    sample and class with background, ``smooth`` 1e-8, ignore label, regions, batch Dice, DDP).
+    Not nnU-Net's ``nnUNetTrainerDiceLoss``, whose soft Dice has a linear denominator
+    (``sum p + sum y``), smoothing 1e-5 and leaves the background out.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("bin_width", 0.1)
+        for fixed in ("weighted", "focal", "gamma"):
+            if fixed in kwargs:
+                raise TypeError(f"SquaredDiceLoss fixes {fixed!r}; use L1DFLLoss to choose it")
+        super().__init__(weighted=False, focal=False, **kwargs)

@@ -16,6 +16,7 @@ BASE_TRAINER_MODULES = {
     "nnUNetTrainerDiceLoss": "nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss",
     "nnUNetTrainerL1DFL": "nnunetv2_l1dfl.training.trainers",
     "nnUNetTrainerDiceFocal": "nnunetv2_l1dfl.training.trainers",
+    "nnUNetTrainerSquaredDice": "nnunetv2_l1dfl.training.trainers",
 }
 
 _CLASS_TEMPLATE = '''

@@ -3,8 +3,11 @@
 - ``nnUNetTrainerL1DFL``: L1DFL with the paper's defaults (gamma 2, bin width 0.1).
 - ``nnUNetTrainerL1DFL_gamma{1,2,5}_bw{0p05,0p1,0p2}``: the paper's sensitivity grid.
 - ``nnUNetTrainerDiceFocal``: the paper's DFL baseline (plain squared Dice + the same focal term).
-- ``nnUNetTrainerL1DFL_{N}epochs`` and ``nnUNetTrainerDiceFocal_{N}epochs``: training-length
-  variants with the epoch counts of nnU-Net's own ``nnUNetTrainer_Xepochs``.
+- ``nnUNetTrainerSquaredDice``: the paper's DL baseline (plain squared Dice alone). nnU-Net's own
+  ``nnUNetTrainerDiceLoss`` is a different Dice (linear denominator, no background, smoothing 1e-5).
+- ``nnUNetTrainerL1DFL_{N}epochs``, ``nnUNetTrainerDiceFocal_{N}epochs`` and
+  ``nnUNetTrainerSquaredDice_{N}epochs``: training-length variants with the epoch counts of
+  nnU-Net's own ``nnUNetTrainer_Xepochs``.
 
 Network, plans, preprocessing, augmentation, optimizer, schedule and cross-validation are nnU-Net's.
 The loss sees nnU-Net's label manager (ignore label, region-based training) and DDP state; deep
@@ -88,6 +91,7 @@ class nnUNetTrainerL1DFL(nnUNetTrainer):
 
     - ``l1dfl_gamma``, ``l1dfl_bin_width``: the loss hyperparameters;
     - ``l1dfl_weighted``: False gives the DFL baseline;
+    - ``l1dfl_focal``: False leaves the focal term out (with ``l1dfl_weighted`` False: the DL baseline);
     - ``l1dfl_batch_dice``: False (default) computes Dice per sample and class, as the method
       does; None follows the plans' ``batch_dice`` like nnU-Net's own Dice; True forces batch Dice;
     - ``fixed_num_epochs``: overrides ``num_epochs`` (training-length variants).
@@ -96,6 +100,7 @@ class nnUNetTrainerL1DFL(nnUNetTrainer):
     l1dfl_gamma: float = 2.0
     l1dfl_bin_width: float = 0.1
     l1dfl_weighted: bool = True
+    l1dfl_focal: bool = True
     l1dfl_batch_dice: bool | None = False
     fixed_num_epochs: int | None = None
 
@@ -121,8 +126,14 @@ class nnUNetTrainerL1DFL(nnUNetTrainer):
             batch_dice=batch_dice,
             ddp=self.is_ddp,
             weighted=self.l1dfl_weighted,
+            focal=self.l1dfl_focal,
         )
-        name = "L1DFL" if self.l1dfl_weighted else "DiceFocal (DFL baseline, unweighted)"
+        name = {
+            (True, True): "L1DFL",
+            (False, True): "DiceFocal (DFL baseline: squared Dice + focal, unweighted)",
+            (False, False): "SquaredDice (DL baseline: squared Dice alone, unweighted)",
+            (True, False): "L1-weighted Dice alone (no focal term)",
+        }[(self.l1dfl_weighted, self.l1dfl_focal)]
         self.print_to_log_file(f"Loss: {name}: {loss.extra_repr()}")
         return wrap_deep_supervision(self, loss)
 
@@ -131,6 +142,13 @@ class nnUNetTrainerDiceFocal(nnUNetTrainerL1DFL):
     """The paper's DFL baseline: plain squared-denominator Dice + the same focal term (gamma 2)."""
 
     l1dfl_weighted = False
+
+
+class nnUNetTrainerSquaredDice(nnUNetTrainerL1DFL):
+    """The paper's DL baseline: plain squared-denominator Dice alone, background included."""
+
+    l1dfl_weighted = False
+    l1dfl_focal = False
 
 
 def _width_tag(bin_width: float) -> str:
@@ -145,7 +163,7 @@ def _define(name: str, base: type, doc: str, **attributes) -> type:
 
 
 #: Every trainer name this package provides (the README lists them).
-TRAINER_NAMES: list[str] = ["nnUNetTrainerL1DFL", "nnUNetTrainerDiceFocal"]
+TRAINER_NAMES: list[str] = ["nnUNetTrainerL1DFL", "nnUNetTrainerDiceFocal", "nnUNetTrainerSquaredDice"]
 
 for _gamma in GAMMA_GRID:
     for _width in BIN_WIDTH_GRID:
@@ -154,7 +172,7 @@ for _gamma in GAMMA_GRID:
                 l1dfl_gamma=_gamma, l1dfl_bin_width=_width)
         TRAINER_NAMES.append(_name)
 
-for _base in (nnUNetTrainerL1DFL, nnUNetTrainerDiceFocal):
+for _base in (nnUNetTrainerL1DFL, nnUNetTrainerDiceFocal, nnUNetTrainerSquaredDice):
     for _epochs in EPOCH_VARIANTS:
         _name = f"{_base.__name__}_{_epochs}epochs"
         _define(_name, _base, f"{_base.__name__} trained for {_epochs} epochs.", fixed_num_epochs=_epochs)
