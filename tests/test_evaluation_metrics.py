@@ -115,8 +115,10 @@ def test_merged_prediction():
         gt, ev = score(gt_mask, pred, suv, criterion)
         assert counts(ev) == tp_fp_fn, criterion
         assert gt.n_lesions == 2 and ev.n_lesions_pred == 1
-        np.testing.assert_allclose(ev.lesion_dice, [2 * 8 / (8 + 24)] * 2)
+        # lesion DSC 2*8/(8+24) for a detected lesion, 0 for the one the criterion calls missed
+        np.testing.assert_allclose(ev.lesion_dice, np.where(ev.lesion_detected, 2 * 8 / (8 + 24), 0.0))
         assert ev.dice == pytest.approx(2 * 16 / (16 + 24))
+    np.testing.assert_array_equal(score(gt_mask, pred, suv, "lymphoma_crit3")[1].lesion_detected, [True, False])
     _, ev = score(gt_mask, pred, suv, "iou", iou_threshold=0.5)  # IoU 1/3 < 0.5: nothing matches
     assert counts(ev) == (0, 1, 2)
 
@@ -142,7 +144,7 @@ def test_lymphoma_crit3_pairs_component_with_highest_iou_lesion():
 
 def test_missed_suvmax_voxel():
     """The prediction covers the whole lesion but its SUVmax voxel: FN (not FP) under suvmax, TP
-    under overlap; DSC 2*17/(18+17)."""
+    under overlap; patient DSC 2*17/(18+17) either way, lesion DSC 0 when missed."""
     gt_mask, suv = case()
     gt_mask[1:3, 1:4, 1:4] = True
     suv[2, 2, 2] = 9.0
@@ -152,10 +154,87 @@ def test_missed_suvmax_voxel():
     assert counts(ev) == (0, 0, 1)
     assert ev.f1 == 0.0
     assert ev.dice == pytest.approx(34 / 35)
-    assert ev.lesion_dice[0] == pytest.approx(34 / 35)
-    assert ev.fnv_ml == 0.0  # the lesion is touched
+    assert ev.lesion_dice[0] == 0.0  # missed by the criterion, although overlapped
+    assert ev.fnv_ml == 0.0  # the lesion is touched (FNV is criterion-independent)
     _, ev = score(gt_mask, pred, suv, "overlap")
     assert counts(ev) == (1, 0, 0)
+    assert ev.lesion_dice[0] == pytest.approx(34 / 35)
+
+
+def test_lesion_dice_is_zero_for_every_lesion_the_criterion_misses():
+    """GT1 (z 1-2, y 1-3, x 1-3: 18 voxels, SUVmax at (2, 2, 2)) is covered on slice z = 1 only
+    (9 voxels): overlap 9, IoU 9/18. GT2 (x 8-9 on (1, 1): 2 voxels) is predicted exactly. GT1's
+    overlap DSC is 2*9/(18+9) = 2/3, but suvmax and crit3 call it missed (its SUVmax voxel is
+    outside), so its lesion DSC is 0 there; overlap and iou detect it and keep 2/3."""
+    gt_mask, suv = case()
+    gt_mask[1:3, 1:4, 1:4] = True
+    suv[2, 2, 2] = 9.0
+    gt_mask[1, 1, 8:10] = True
+    suv[1, 1, 9] = 5.0
+    pred = np.zeros_like(gt_mask)
+    pred[1, 1:4, 1:4] = True
+    pred[1, 1, 8:10] = True
+    expected = {
+        "suvmax": ((1, 0, 1), [0.0, 1.0]),
+        "lymphoma_crit3": ((1, 1, 1), [0.0, 1.0]),
+        "overlap": ((2, 0, 0), [2 / 3, 1.0]),
+        "iou": ((2, 0, 0), [2 / 3, 1.0]),
+    }
+    for criterion, (tp_fp_fn, lesion_dice) in expected.items():
+        _, ev = score(gt_mask, pred, suv, criterion)
+        assert counts(ev) == tp_fp_fn, criterion
+        np.testing.assert_allclose(ev.lesion_dice, lesion_dice, err_msg=criterion)
+        np.testing.assert_array_equal(ev.lesion_detected, np.asarray(lesion_dice) > 0, err_msg=criterion)
+        assert ev.dice == pytest.approx(2 * 11 / (20 + 11)), criterion  # patient DSC is unaffected
+        assert ev.fnv_ml == 0.0, criterion
+
+
+def test_iou_matching_maximises_the_number_of_matches_above_threshold():
+    """One row (z 1, y 1) along x: GT A = x 1-5 (5 voxels), GT B = x 7 (1 voxel); P2 = x 1
+    (1 voxel), P1 = x 3-7 (5 voxels). IoU(A, P1) = 3/7, IoU(A, P2) = 1/5, IoU(B, P1) = 1/5,
+    IoU(B, P2) = 0. Maximising total IoU picks A-P1 alone (3/7 > 2/5): one match. With the default
+    threshold 0.1 both A-P2 and B-P1 are valid, so the right answer is two matches: TP 2, FP 0, FN 0."""
+    gt_mask, suv = case()
+    gt_mask[1, 1, 1:6] = True
+    gt_mask[1, 1, 7] = True
+    pred = np.zeros_like(gt_mask)
+    pred[1, 1, 1] = True
+    pred[1, 1, 3:8] = True
+    gt, ev = score(gt_mask, pred, suv, "iou")
+    assert gt.n_lesions == 2 and ev.n_lesions_pred == 2
+    assert counts(ev) == (2, 0, 0)
+    assert ev.f1 == 1.0
+    np.testing.assert_array_equal(ev.lesion_detected, [True, True])
+    # lesion DSC against all overlapping components: A meets 1 + 3 of 6 predicted voxels, B 1 of 5
+    np.testing.assert_allclose(ev.lesion_dice, [2 * 4 / (5 + 6), 2 * 1 / (1 + 5)])
+    # above 1/5 only A-P1 (3/7) can match: TP 1, FP 1 (P2), FN 1 (B)
+    _, ev = score(gt_mask, pred, suv, "iou", iou_threshold=0.25)
+    assert counts(ev) == (1, 1, 1)
+    np.testing.assert_array_equal(ev.lesion_detected, [True, False])
+    np.testing.assert_allclose(ev.lesion_dice, [2 * 4 / (5 + 6), 0.0])
+
+
+def test_iou_matching_on_a_hand_built_table():
+    """detect_lesions on a 2x2 overlap table: GT sizes (10, 4), predicted sizes (10, 4); overlaps
+    A-P1 8 (IoU 8/12), A-P2 1 (1/13), B-P1 1 (1/13), B-P2 none. Total IoU is largest for A-P1
+    alone (2/3 > 2/13), but at threshold 0.05 A-P2 and B-P1 are two valid matches; at 0.1 only
+    A-P1 is valid."""
+    table = M.OverlapTable(
+        gt_sizes=np.array([0, 10, 4]),
+        pred_sizes=np.array([0, 10, 4]),
+        pair_gt=np.array([1, 1, 2]),
+        pair_pred=np.array([1, 2, 1]),
+        pair_voxels=np.array([8, 1, 1]),
+    )
+    np.testing.assert_allclose(table.pair_iou(), [8 / 12, 1 / 13, 1 / 13])
+    detection = M.detect_lesions(table, "iou", iou_threshold=0.05)
+    assert (detection.tp, detection.fp, detection.fn) == (2, 0, 0)
+    detection = M.detect_lesions(table, "iou", iou_threshold=0.1)
+    assert (detection.tp, detection.fp, detection.fn) == (1, 1, 1)
+    np.testing.assert_array_equal(detection.gt_detected, [True, False])
+    np.testing.assert_array_equal(detection.pred_false_positive, [False, True])
+    with pytest.raises(ValueError, match="iou_threshold"):
+        M.detect_lesions(table, "iou", iou_threshold=0.0)
 
 
 def test_false_positives_and_volumes():
@@ -283,24 +362,27 @@ def _oracle(gt_mask, pred_mask, suv):
     pred_labels, n_pred = M.label_lesions(pred_mask)
     tp_suvmax = tp_overlap = 0
     fnv = 0
-    lesion_dice = []
+    lesion_dice_suvmax, lesion_dice_overlap = [], []
     for i in range(1, n_gt + 1):
         lesion = gt_labels == i
         values = np.where(lesion, suv, -np.inf).ravel()
         hottest = int(np.argmax(values))  # argmax returns the first maximum in array order
-        tp_suvmax += bool(pred_mask.ravel()[hottest])
+        hit = bool(pred_mask.ravel()[hottest])
+        tp_suvmax += hit
         touching = set(np.unique(pred_labels[lesion])) - {0}
         tp_overlap += bool(touching)
         fnv += 0 if touching else lesion.sum()
         union = np.isin(pred_labels, list(touching)) if touching else np.zeros_like(lesion)
-        lesion_dice.append(2 * (lesion & union).sum() / (lesion.sum() + union.sum()) if touching else 0.0)
+        dice = 2 * (lesion & union).sum() / (lesion.sum() + union.sum()) if touching else 0.0
+        lesion_dice_overlap.append(dice)
+        lesion_dice_suvmax.append(dice if hit else 0.0)  # 0 for lesions the criterion misses
     fp = fpv = 0
     for j in range(1, n_pred + 1):
         component = pred_labels == j
         if not (component & gt_mask).any():
             fp += 1
             fpv += component.sum()
-    return tp_suvmax, tp_overlap, fp, n_gt, fpv, fnv, lesion_dice
+    return tp_suvmax, tp_overlap, fp, n_gt, fpv, fnv, lesion_dice_suvmax, lesion_dice_overlap
 
 
 def test_against_loop_oracle_on_random_cases():
@@ -309,14 +391,15 @@ def test_against_loop_oracle_on_random_cases():
         gt_mask = rng.random((6, 12, 12)) < 0.08
         pred_mask = (gt_mask & (rng.random(gt_mask.shape) < 0.7)) | (rng.random(gt_mask.shape) < 0.04)
         suv = rng.integers(1, 6, gt_mask.shape).astype(np.float32)  # many ties
-        tp_suvmax, tp_overlap, fp, n_gt, fpv, fnv, lesion_dice = _oracle(gt_mask, pred_mask, suv)
+        tp_suvmax, tp_overlap, fp, n_gt, fpv, fnv, dice_suvmax, dice_overlap = _oracle(gt_mask, pred_mask, suv)
         _, ev = score(gt_mask, pred_mask, suv, "suvmax")
         assert counts(ev) == (tp_suvmax, fp, n_gt - tp_suvmax)
         assert ev.fpv_ml == pytest.approx(fpv * VOXEL_ML) and ev.fnv_ml == pytest.approx(fnv * VOXEL_ML)
-        np.testing.assert_allclose(ev.lesion_dice, lesion_dice)
+        np.testing.assert_allclose(ev.lesion_dice, dice_suvmax)
         assert ev.dice == pytest.approx(M.dice_score(gt_mask, pred_mask))
         _, ev = score(gt_mask, pred_mask, suv, "overlap")
         assert counts(ev) == (tp_overlap, fp, n_gt - tp_overlap)
+        np.testing.assert_allclose(ev.lesion_dice, dice_overlap)
 
 
 def test_lesion_table_rows():

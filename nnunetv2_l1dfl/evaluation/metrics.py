@@ -376,8 +376,9 @@ def detect_lesions(
       predicted mask, else FN; a predicted component overlapping no GT lesion is FP (one that
       overlaps a lesion but misses its SUVmax voxel is neither TP nor FP).
     - ``overlap``: GT lesion is TP when any predicted voxel overlaps it; FP as above.
-    - ``iou``: one-to-one Hungarian matching maximising IoU; pairs with IoU >= ``iou_threshold``
-      are TP; unmatched GT lesions are FN and unmatched predicted components FP (picai-style).
+    - ``iou``: one-to-one Hungarian matching among the pairs with IoU >= ``iou_threshold``: the
+      assignment maximises the number of such pairs, then their total IoU; matched GT lesions are
+      TP, unmatched GT lesions FN and unmatched predicted components FP (picai-style).
     - ``lymphoma_crit3`` (Ahamed et al., criterion 3): each predicted component is paired with the
       GT lesion of highest IoU (ties: lowest label); it is TP if it contains that lesion's SUVmax
       voxel, else FP; GT lesions without a TP component are FN.
@@ -417,10 +418,16 @@ def detect_lesions(
         if len(iou):
             gt_ids, gt_rows = np.unique(table.pair_gt, return_inverse=True)
             pred_ids, pred_cols = np.unique(table.pair_pred, return_inverse=True)
-            matrix = np.zeros((len(gt_ids), len(pred_ids)))
-            matrix[gt_rows, pred_cols] = iou
-            rows, cols = linear_sum_assignment(matrix, maximize=True)
-            good = matrix[rows, cols] >= iou_threshold
+            valid = iou >= iou_threshold
+            # Maximising total IoU over all pairs can trade two above-threshold matches for one
+            # high-IoU match plus one below threshold. Scoring every valid pair as a bonus larger
+            # than any possible IoU sum makes the assignment maximise the number of valid matches
+            # first and their total IoU second; pairs below the threshold score 0 (never useful).
+            bonus = float(min(len(gt_ids), len(pred_ids)) + 1)
+            weights = np.zeros((len(gt_ids), len(pred_ids)))
+            weights[gt_rows[valid], pred_cols[valid]] = bonus + iou[valid]
+            rows, cols = linear_sum_assignment(weights, maximize=True)
+            good = weights[rows, cols] > 0
             gt_detected[gt_ids[rows[good]] - 1] = True
             pred_matched[pred_ids[cols[good]] - 1] = True
         return Detection(criterion, gt_detected, ~pred_matched)
@@ -457,7 +464,7 @@ class PredictionEvaluation:
     tla_pred: float
     n_lesions_pred: int
     lesion_detected: np.ndarray  # (n_gt,) bool
-    lesion_dice: np.ndarray  # (n_gt,) float64, 0 when no predicted component touches the lesion
+    lesion_dice: np.ndarray  # (n_gt,) float64, 0 when the detection criterion calls the lesion missed
 
     def case_metrics(self) -> dict:
         """The patient-level numbers as a flat dict (the prediction's columns of cases.csv)."""
@@ -490,8 +497,11 @@ def evaluate_prediction(
 
     Patient level: volume DSC, TP/FP/FN and F1 under ``criterion``, FPV (ml of predicted
     components touching no GT lesion), FNV (ml of GT lesions touching no predicted component),
-    predicted TMTV (ml) and TLA (SUV x ml). Lesion level: detection and lesion DSC against the
-    union of predicted components overlapping the lesion. Empty cases follow ``empty_policy``.
+    predicted TMTV (ml) and TLA (SUV x ml). Lesion level: detection under ``criterion`` and lesion
+    DSC against the union of predicted components overlapping the lesion, set to 0 for every
+    lesion the criterion calls missed (FN) even when a component overlaps it (e.g. one that misses
+    the SUVmax voxel under ``suvmax``), so that a lesion's DSC and its detection never contradict
+    each other. Empty cases follow ``empty_policy``.
     """
     if pred_mask.shape != gt.labels.shape:
         raise ValueError(f"prediction shape {pred_mask.shape} differs from GT shape {gt.labels.shape}")
@@ -515,7 +525,9 @@ def evaluate_prediction(
         table.pair_gt, weights=table.pred_sizes[table.pair_pred], minlength=gt.n_lesions + 1
     )[1:]
     lesion_dice = np.where(
-        inter_per_gt > 0, 2.0 * inter_per_gt / np.maximum(gt.voxel_counts + touching_pred_voxels, 1), 0.0
+        detection.gt_detected & (inter_per_gt > 0),
+        2.0 * inter_per_gt / np.maximum(gt.voxel_counts + touching_pred_voxels, 1),
+        0.0,
     )
     gt_touched = inter_per_gt > 0
     pred_touched = np.zeros(n_pred + 1, dtype=bool)

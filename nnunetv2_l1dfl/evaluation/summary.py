@@ -272,8 +272,9 @@ def policies(options) -> dict:
             "component touching no GT lesion is FP",
             "overlap": "GT lesion TP if any predicted voxel overlaps it, else FN; predicted component "
             "touching no GT lesion is FP",
-            "iou": f"one-to-one Hungarian matching on IoU, TP if IoU >= {options.iou_threshold}; unmatched "
-            "GT lesions FN, unmatched predicted components FP",
+            "iou": f"one-to-one Hungarian matching among pairs with IoU >= {options.iou_threshold}, maximising "
+            "the number of matches, then their total IoU; matched GT lesions TP, unmatched GT lesions FN, "
+            "unmatched predicted components FP",
             "lymphoma_crit3": "each predicted component paired with its highest-IoU GT lesion, TP if it "
             "contains that lesion's SUVmax voxel, else FP; GT lesions without a TP component FN",
         }[options.criterion],
@@ -281,7 +282,8 @@ def policies(options) -> dict:
         "empty_gt_and_prediction": f"DSC and F1 = {empty}",
         "empty_gt_with_prediction": "DSC 0, F1 0, every predicted component FP",
         "f1": "2TP / (2TP + FP + FN) per case",
-        "lesion_dice": "against the union of predicted components overlapping the lesion; 0 when missed",
+        "lesion_dice": "against the union of predicted components overlapping the lesion; 0 when the "
+        "detection criterion calls the lesion missed (FN), even if a predicted component overlaps it",
         "fpv_fnv": "ml of predicted components touching no GT lesion / of GT lesions touching no "
         "predicted component (criterion-independent)",
         "dmax": "largest distance between GT foreground voxel centres (mm), from convex-hull vertices; "
