@@ -198,3 +198,25 @@ def test_suv_command_on_ibsi_dro(ibsi_dro_dir, tmp_path, capsys, dro):
         sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))) > 0
     ]
     assert np.allclose([suv.min(), np.median(suv), suv.max()], [0.2, 1.0, 4.0], rtol=5e-3)
+
+
+def test_place_on_pet_grid_warns_when_lesions_merge():
+    from nnunetv2_l1dfl.conversion.dataset import place_on_pet_grid
+
+    pet = sitk.Image([4, 3, 3], sitk.sitkFloat32)
+    pet.SetSpacing((4.0, 4.0, 4.0))
+    pet.SetOrigin((1.5, 1.5, 1.5))
+    ct = sitk.Image(pet.GetSize(), sitk.sitkFloat32)
+    ct.CopyInformation(pet)
+    labels = np.zeros((12, 12, 16), np.uint8)
+    labels[4:8, 4:8, 4:7] = 1  # 3/4 of PET voxel (1, 1, 1)
+    labels[4:8, 4:8, 8:12] = 1  # all of its neighbour (2, 1, 1), 1 mm away: merges with the first
+    label = sitk.GetImageFromArray(labels)  # 1 mm grid at the origin
+    _, on_pet, warnings = place_on_pet_grid(ct, label, pet, "c1")
+    assert sitk.GetArrayFromImage(on_pet).sum() == 2
+    assert warnings == [
+        "lesions merged in resampling: 2 lesions before, 1 after on the PET grid (1 merged with a neighbour, 0 lost)"
+    ]
+    labels[4:8, 4:8, 8:12] = 0
+    label = sitk.GetImageFromArray(labels)
+    assert place_on_pet_grid(ct, label, pet, "c1")[2] == []

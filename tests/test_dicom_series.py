@@ -113,3 +113,25 @@ def test_read_ct_hu_names_the_file_on_inconsistent_geometry(tmp_path):
     ds.save_as(files[2])
     with pytest.raises(DicomSeriesError, match=r"same ImagePositionPatient \(0020,0032\)"):
         read_ct_hu(files)
+
+
+def test_rescale_slope_zero_or_non_finite_is_refused_absent_or_empty_is_one(tmp_path):
+    hu = np.arange(3 * 4 * 4, dtype=np.float64).reshape(3, 4, 4) - 20.0
+    files = write_ct_series(tmp_path / "absent", hu, rescale_intercept=-100.0)
+    for path, value in ((files[0], None), (files[1], "")):  # absent and empty both mean slope 1
+        ds = pydicom.dcmread(path)
+        if value is None:
+            del ds.RescaleSlope
+        else:
+            ds.RescaleSlope = value
+        ds.save_as(path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_ct_hu(files)), hu.astype(np.float32))
+
+    for name, value in (("zero", "0"), ("zero_float", "0.0"), ("nan", "NaN"), ("inf", "inf")):
+        files = write_ct_series(tmp_path / name, hu)
+        ds = pydicom.dcmread(files[1])
+        with pydicom.config.disable_value_validation():
+            ds.RescaleSlope = value
+        ds.save_as(files[1])
+        with pytest.raises(DicomSeriesError, match=r"ct_001\.dcm: RescaleSlope \(0028,1053\) is "):
+            read_ct_hu(files)

@@ -170,3 +170,30 @@ def test_nifti_mask_same_grid_other_grid_and_bad_values(tmp_path, pet_grid):
     sitk.WriteImage(as_float * 0.5, str(tmp_path / "soft.nii.gz"))
     with pytest.raises(MaskError, match=r"soft.nii.gz: label values must be integers"):
         read_nifti_mask(tmp_path / "soft.nii.gz", reference)
+
+
+def test_nifti_mask_whose_lesions_merge_on_the_reference_warns(tmp_path, caplog):
+    # Two 1 mm lesions 1 mm apart fill two neighbouring 4 mm voxels: one lesion on the reference.
+    labels = np.zeros((12, 12, 16), np.uint8)
+    labels[4:8, 4:8, 4:7] = 1
+    labels[4:8, 4:8, 8:12] = 1
+    fine = sitk.GetImageFromArray(labels)
+    fine.SetOrigin((0.0, 0.0, 0.0))
+    sitk.WriteImage(fine, str(tmp_path / "fine.nii.gz"))
+    reference = sitk.Image([4, 3, 3], sitk.sitkFloat32)
+    reference.SetSpacing((4.0, 4.0, 4.0))
+    reference.SetOrigin((1.5, 1.5, 1.5))
+    with caplog.at_level(logging.INFO, logger="nnunetv2_l1dfl"):
+        on_reference = sitk.GetArrayFromImage(read_nifti_mask(tmp_path / "fine.nii.gz", reference))
+    np.testing.assert_array_equal(np.flatnonzero(on_reference), np.ravel_multi_index([[1, 1], [1, 1], [1, 2]], (3, 3, 4)))
+    record = next(r for r in caplog.records if "resampled onto the reference" in r.getMessage())
+    assert record.levelno == logging.WARNING and "fine.nii.gz" in record.getMessage()
+    assert "2 lesions before, 1 after, 0 rescued, 0 lost, 1 merged" in record.getMessage()
+
+    labels[4:8, 4:8, 8:12] = 0  # a single lesion: bookkeeping only, at info level
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "single.nii.gz"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nnunetv2_l1dfl"):
+        read_nifti_mask(tmp_path / "single.nii.gz", reference)
+    record = next(r for r in caplog.records if "resampled onto the reference" in r.getMessage())
+    assert record.levelno == logging.INFO and "1 lesions before, 1 after, 0 rescued, 0 lost, 0 merged" in record.getMessage()

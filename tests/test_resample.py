@@ -9,7 +9,10 @@ from _dicom_factories import write_ct_series, write_pet_series
 from nnunetv2_l1dfl.conversion.dicom_series import load_slice_stack, read_ct_hu
 from nnunetv2_l1dfl.conversion.resample import (
     MaskResampleReport,
+    _fraction_sampled,
+    _fraction_separable,
     ct_coverage_fraction,
+    lesion_fraction_on,
     resample_ct_to,
     resample_mask_to,
 )
@@ -95,3 +98,162 @@ def test_lesion_outside_the_reference_is_reported_lost_and_same_grid_is_untouche
     same, report = resample_mask_to(mask, fine)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(same), labels)
     assert report == MaskResampleReport(2, 2, 0)
+
+
+# -- volume fractions: a 1 mm mask on a 4 mm grid whose voxels are exactly 4 x 4 x 4 fine voxels --
+
+FINE = 40
+
+
+def _fine_mask(labels: np.ndarray) -> sitk.Image:
+    mask = sitk.GetImageFromArray(labels.astype(np.uint8))
+    mask.CopyInformation(_grid((FINE,) * 3, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    return mask
+
+
+def _coarse() -> sitk.Image:
+    # Voxel i spans [4i - 0.5, 4i + 3.5) mm: fine voxels 4i..4i+3 along each axis.
+    return _grid((FINE // 4,) * 3, (4.0, 4.0, 4.0), (1.5, 1.5, 1.5))
+
+
+def _block_fraction(binary: np.ndarray) -> np.ndarray:
+    """Oracle: the covered fraction of each coarse voxel is the mean of its 4 x 4 x 4 fine block."""
+    n = FINE // 4
+    return binary.reshape(n, 4, n, 4, n, 4).mean(axis=(1, 3, 5))
+
+
+def _centre_value(binary: np.ndarray) -> np.ndarray:
+    """Oracle: linear interpolation at a coarse centre (fine 4i + 1.5) is the mean of the 2 x 2 x 2
+    fine voxels around it (4i + 1 and 4i + 2 along each axis)."""
+    n = FINE // 4
+    return binary.reshape(n, 4, n, 4, n, 4)[:, 1:3, :, 1:3, :, 1:3].mean(axis=(1, 3, 5))
+
+
+@pytest.mark.parametrize("shift", [(0, 0, 0), (1, 1, 1), (2, 2, 2), (3, 3, 3), (3, 0, 0), (0, 3, 1), (2, 3, 0)])
+def test_tiny_lesion_between_reference_centres_is_kept_at_every_offset(shift):
+    # The auditor's case: a 2 x 2 x 2 mm lesion on a 1 mm grid, shifted by 0..3 mm against a 4 mm
+    # grid. At offset 3 it touches no coarse voxel centre (interpolated fraction 0 everywhere); it
+    # must still be kept, as one voxel, the one holding the largest part of it.
+    dz, dy, dx = shift
+    labels = np.zeros((FINE,) * 3, np.uint8)
+    labels[20 + dz : 22 + dz, 20 + dy : 22 + dy, 20 + dx : 22 + dx] = 1
+    cube = (slice(2 + dz, 12 + dz), slice(2 + dy, 12 + dy), slice(24 + dx, 34 + dx))
+    labels[cube] = 1  # a 10 mm cube next to it: its partial-volume edges are thresholded at 0.5
+    mask = _fine_mask(labels)
+    out, report = resample_mask_to(mask, _coarse())
+    result = sitk.GetArrayFromImage(out)
+
+    tiny = np.zeros_like(labels, bool)
+    tiny[20 + dz : 22 + dz, 20 + dy : 22 + dy, 20 + dx : 22 + dx] = True
+    expected = (_centre_value(labels == 1) >= 0.5).astype(np.uint8)
+    reaches_a_centre = bool(np.any(_centre_value(tiny) >= 0.5))
+    assert reaches_a_centre == (shift == (1, 1, 1))  # only there is the lesion around a coarse centre
+    if not reaches_a_centre:
+        expected.flat[np.argmax(_block_fraction(tiny))] = 1  # the coarse voxel holding most of it (first on ties)
+    np.testing.assert_array_equal(result, expected)
+    assert (expected * (_block_fraction(tiny) > 0)).sum() == 1  # the tiny lesion: one voxel, one it overlaps
+    rescued = 0 if reaches_a_centre else 1
+    assert (report.lesions_before, report.lesions_after, report.lost_lesions, report.rescued_lesions) == (2, 2, 0, rescued)
+    assert report.merged_lesions == 0 and not any("lost" in m for m in report.messages)
+
+    # The fraction map preserves the volume: 8 mm3 and 1000 mm3 in 64 mm3 voxels, wherever they lie.
+    for binary, lo, volume_mm3 in (
+        (tiny[20 + dz : 22 + dz, 20 + dy : 22 + dy, 20 + dx : 22 + dx], (20 + dx, 20 + dy, 20 + dz), 8.0),
+        (np.ones((10, 10, 10), bool), (24 + dx, 2 + dy, 2 + dz), 1000.0),
+    ):
+        start, stop, fraction = lesion_fraction_on(binary, np.array(lo), mask, _coarse())
+        assert fraction.sum() * 64.0 == pytest.approx(volume_mm3, rel=1e-5)
+        assert fraction.max() <= 1.0 + 1e-6
+
+
+def test_lost_only_when_outside_the_reference_grid(caplog):
+    labels = np.zeros((FINE,) * 3, np.uint8)
+    labels[4:7, 4:8, 4:8] = 2  # 3/4 of coarse voxel (1, 1, 1): label 2 takes it
+    labels[7, 7, 7] = 1  # a 1 mm lesion of label 1 inside that same coarse voxel: nowhere to go
+    labels[30:32, 30:32, 35:37] = 1  # straddles the x edge of the grid below: half inside
+    labels[30:32, 30:32, 20:22] = 1  # well inside
+    mask = _fine_mask(labels)
+    small = _grid((9, 10, 10), (4.0, 4.0, 4.0), (1.5, 1.5, 1.5))  # x ends at 35.5 mm (fine voxel 35)
+
+    out, report = resample_mask_to(mask, small)
+    result = sitk.GetArrayFromImage(out)
+    assert (report.lesions_before, report.lost_lesions, report.rescued_lesions) == (4, 1, 2)
+    lost = [m for m in report.messages if "lost" in m]
+    assert lost == ["label 1: a 1-voxel lesion is lost: every reference voxel it overlaps holds another label"]
+    assert result[1, 1, 1] == 2 and result[7, 7, 8] == 1 and result[7, 7, 5] == 1  # straddling one kept inside
+    assert "outside" not in caplog.text
+
+    # Move the straddling lesion wholly beyond the grid: now it is lost, as outside.
+    labels[30:32, 30:32, 35:37] = 0
+    labels[30:32, 30:32, 36:38] = 1
+    out, report = resample_mask_to(_fine_mask(labels), small)
+    assert report.lost_lesions == 2
+    assert "label 1: a 8-voxel lesion lies outside the reference grid and is lost" in report.messages
+    assert sitk.GetArrayFromImage(out)[:, :, 8].sum() == 0
+
+
+def test_touching_but_not_overlapping_is_outside():
+    # A lesion whose voxels end exactly where the reference grid begins overlaps it by zero volume.
+    labels = np.zeros((FINE,) * 3, np.uint8)
+    labels[10:14, 10:14, 0:4] = 1  # x in [-0.5, 3.5) mm
+    reference = _grid((4, 4, 4), (4.0, 4.0, 4.0), (5.5, 9.5, 9.5))  # x from 3.5 mm
+    out, report = resample_mask_to(_fine_mask(labels), reference)
+    assert report.lost_lesions == 1 and "outside the reference grid" in report.messages[0]
+    assert not sitk.GetArrayFromImage(out).any()
+
+
+def test_lesions_that_merge_on_the_coarse_grid_are_reported(caplog):
+    labels = np.zeros((FINE,) * 3, np.uint8)
+    labels[16:20, 16:20, 16:19] = 1  # 3/4 of coarse voxel (4, 4, 4)
+    labels[16:20, 16:20, 20:24] = 1  # all of coarse voxel (4, 4, 5); 1 mm gap: a separate lesion
+    labels[4:8, 4:8, 4:8] = 1  # a third lesion, far away
+    out, report = resample_mask_to(_fine_mask(labels), _coarse())
+    assert (report.lesions_before, report.lesions_after, report.lost_lesions, report.merged_lesions) == (3, 2, 0, 1)
+    assert "label 1: 3 lesions before, 2 after on the reference grid (0 lost): 1 merged with a neighbour" in caplog.text
+    assert sitk.GetArrayFromImage(out).sum() == 3
+
+
+def test_rotated_reference_uses_sampling_and_agrees_with_the_exact_overlap():
+    rng = np.random.default_rng(3)
+    labels = np.zeros((FINE,) * 3, np.uint8)
+    for _ in range(12):
+        z, y, x = rng.integers(2, FINE - 6, 3)
+        labels[z : z + rng.integers(1, 6), y : y + rng.integers(1, 6), x : x + rng.integers(1, 6)] = 1
+    mask = _fine_mask(labels)
+    aligned = _coarse()
+    # The same physical voxels, indexed with x along physical +y and y along physical -x.
+    rotated = _grid((FINE // 4,) * 3, (4.0, 4.0, 4.0), (1.5 + 36.0, 1.5, 1.5))
+    rotated.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    assert rotated.TransformIndexToPhysicalPoint((2, 5, 3)) == pytest.approx(aligned.TransformIndexToPhysicalPoint((4, 2, 3)))
+    whole = labels == 1
+    _, _, on_aligned = lesion_fraction_on(whole, np.zeros(3, int), mask, aligned)
+    _, _, on_rotated = lesion_fraction_on(whole, np.zeros(3, int), mask, rotated)  # sampled: directions differ
+    np.testing.assert_array_equal(on_aligned, _block_fraction(whole))
+    # rotated index (x, y) is aligned index (9 - y, x): sub-points never fall on a boundary, so exact.
+    np.testing.assert_allclose(on_rotated[:, ::-1, :].transpose(0, 2, 1), on_aligned, atol=1e-6)
+    out_aligned, report_aligned = resample_mask_to(mask, aligned)
+    out_rotated, report_rotated = resample_mask_to(mask, rotated)
+    assert report_rotated.lesions_before == report_aligned.lesions_before == 12
+    assert (report_rotated.lesions_after, report_rotated.rescued_lesions, report_rotated.lost_lesions) == (
+        report_aligned.lesions_after, report_aligned.rescued_lesions, 0,
+    )  # fmt: skip
+    assert sitk.GetArrayFromImage(out_rotated).sum() == sitk.GetArrayFromImage(out_aligned).sum()
+
+    # Grids that share nothing: 1.3 mm voxels against 3.1 mm ones, both methods on the same lesion.
+    fine = _grid((30, 30, 30), (1.3, 1.3, 1.3), (0.2, -0.4, 0.1))
+    coarse = _grid((14, 14, 14), (3.1, 3.1, 3.1), (-1.0, -1.0, -1.0))
+    blob = np.zeros((30, 30, 30), bool)
+    zz, yy, xx = np.ogrid[:30, :30, :30]
+    blob[((zz - 14) ** 2 + (yy - 15) ** 2 + (xx - 13) ** 2) <= 49] = True
+    box = (slice(7, 22), slice(8, 23), slice(6, 21))
+    assert blob[box].sum() == blob.sum()
+    lo = np.array([6, 8, 7])
+    start, stop, exact = lesion_fraction_on(blob[box], lo, fine, coarse)
+    sampled = _fraction_sampled(blob[box], lo, fine, coarse, start, stop)
+    np.testing.assert_allclose(exact, _fraction_separable(blob[box], lo, fine, coarse, start, stop))
+    volume = blob.sum() * 1.3**3 / 3.1**3  # in reference voxels
+    assert exact.sum() == pytest.approx(volume, rel=1e-5)
+    assert sampled.sum() == pytest.approx(volume, rel=0.03)  # capped jitter of fully covered voxels
+    assert np.abs(sampled - exact).max() < 0.2
+    disagree = (sampled >= 0.5) != (exact >= 0.5)
+    assert disagree.sum() <= 0.05 * (exact >= 0.5).sum() and np.all(np.abs(exact[disagree] - 0.5) < 0.15)

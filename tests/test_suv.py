@@ -258,3 +258,82 @@ def test_contradictory_slices_raise(tmp_path):
     ds.save_as(files[3])
     with pytest.raises(SUVError, match=r"contradictory PatientWeight \(0010,1030\).*pet_003.dcm"):
         _suv(tmp_path)
+
+
+# -- half-life against the nuclide -----------------------------------------------------------
+
+
+def _name_nuclide(files: list[Path], code: tuple[str, str, str] | None = None, radionuclide: str | None = None) -> None:
+    """Add RadionuclideCodeSequence (0054,0300) (value, scheme, meaning) and/or Radionuclide (0018,0030)."""
+    for path in files:
+        ds = pydicom.dcmread(path)
+        item = ds.RadiopharmaceuticalInformationSequence[0]
+        if code is not None:
+            entry = pydicom.Dataset()
+            entry.CodeValue, entry.CodingSchemeDesignator, entry.CodeMeaning = code
+            item.RadionuclideCodeSequence = pydicom.Sequence([entry])
+        if radionuclide is not None:
+            item.Radionuclide = radionuclide
+        ds.save_as(path)
+
+
+F18_CODE = ("C-111A1", "SRT", "^18^Fluorine")
+GA68_CODE = ("C-131A3", "SRT", "^68^Gallium")
+
+
+@pytest.mark.parametrize(
+    "code, radionuclide",
+    [(F18_CODE, None), (None, None), (("77004003", "SCT", "Fluorine-18"), None), (("99XYZ", "99LOCAL", "Fluorine^18^"), None),
+     (None, "18F")],
+)  # fmt: skip
+def test_half_life_in_minutes_is_refused_naming_the_tag(tmp_path, code, radionuclide):
+    files = write_pet_series(tmp_path, _activity(), half_life=109.77)  # F-18 in minutes
+    _name_nuclide(files, code, radionuclide)
+    with pytest.raises(SUVError, match=r"case_x: RadionuclideHalfLife \(0018,1075\) is 109\.77 s") as info:
+        _suv(tmp_path)
+    assert "F-18's half-life in minutes" in str(info.value)
+    if code is None and radionuclide is None:
+        assert "matches no known PET radionuclide" in str(info.value)
+    else:
+        assert "names F-18, whose half-life is 6586.2 s" in str(info.value)
+
+
+@pytest.mark.parametrize("half_life", [4062.6, 4080.0, 4063.0])
+def test_ga68_with_its_own_half_life_converts(tmp_path, half_life):
+    activity = _activity(3)
+    files = write_pet_series(tmp_path, activity, half_life=half_life, tracer="PSMA-11")
+    _name_nuclide(files, GA68_CODE)
+    suv, branch, details = _suv(tmp_path)
+    _assert_suv(suv, _expected_suv(activity, half_life=half_life))
+    assert details["nuclide"] == "Ga-68" and details["half_life_s"] == half_life
+    # The same series without any nuclide named is accepted by its half-life alone.
+    files = write_pet_series(tmp_path / "unnamed", activity, half_life=half_life)
+    assert _suv(tmp_path / "unnamed")[2]["nuclide"] == "Ga-68"
+
+
+@pytest.mark.parametrize(
+    "half_life, code, radionuclide, named",
+    [
+        (4062.6, F18_CODE, None, "RadionuclideCodeSequence (0054,0300) code C-111A1 names F-18"),
+        (6586.2, GA68_CODE, None, "RadionuclideCodeSequence (0054,0300) code C-131A3 names Ga-68"),
+        (6586.2, ("C-105A1", "SRT", "^11^Carbon"), None, "names C-11, whose half-life is 1221.8 s"),
+        (6586.2, None, "Ga-68", "Radionuclide (0018,0030) 'Ga-68' names Ga-68"),
+        (1221.8, ("35337001", "SCT", "^68^Gallium"), None, "code 35337001 names Ga-68"),
+    ],
+)
+def test_nuclide_and_half_life_that_disagree_raise(tmp_path, half_life, code, radionuclide, named):
+    files = write_pet_series(tmp_path, _activity(), half_life=half_life)
+    _name_nuclide(files, code, radionuclide)
+    with pytest.raises(SUVError, match=r"case_x: RadionuclideHalfLife \(0018,1075\) is ") as info:
+        _suv(tmp_path)
+    assert named in str(info.value)
+
+
+def test_half_life_of_no_pet_nuclide_is_refused_and_vendor_variants_pass(tmp_path):
+    write_pet_series(tmp_path / "odd", _activity(), half_life=5000.0)
+    with pytest.raises(SUVError, match=r"\(0018,1075\) is 5000 s, which matches no known PET radionuclide"):
+        _suv(tmp_path / "odd")
+    for half_life, nuclide in ((6588.0, "F-18"), (1223.0, "C-11"), (45720.0, "Cu-64"), (282240.0, "Zr-89")):
+        folder = tmp_path / f"ok_{half_life:g}"
+        write_pet_series(folder, _activity(), half_life=half_life)
+        assert _suv(folder)[2]["nuclide"] == nuclide

@@ -581,7 +581,8 @@ def place_on_pet_grid(
     linearly with -1024 HU outside its field of view; a warning when it covers less than
     :data:`MIN_CT_COVERAGE` of the PET. Label: resampled per label as a fraction map thresholded at
     0.5 (:func:`~nnunetv2_l1dfl.conversion.resample.resample_mask_to`); warnings for lesions lost
-    or kept only as one voxel. Returns (ct float32, label uint8, warnings).
+    or kept only as one voxel, and when lesions merged (fewer after than before, beyond those lost).
+    Returns (ct float32, label uint8, warnings).
     """
     from nnunetv2_l1dfl.conversion.resample import ct_coverage_fraction, resample_ct_to, resample_mask_to
 
@@ -606,6 +607,11 @@ def place_on_pet_grid(
     if report.rescued_lesions:
         warnings.append(
             f"{report.rescued_lesions} lesion(s) smaller than a PET voxel kept as a single voxel on the PET grid"
+        )
+    if report.merged_lesions:
+        warnings.append(
+            f"lesions merged in resampling: {report.lesions_before} lesions before, {report.lesions_after} after "
+            f"on the PET grid ({report.merged_lesions} merged with a neighbour, {report.lost_lesions} lost)"
         )
     return ct_on_pet, label_on_pet, warnings
 
@@ -654,14 +660,6 @@ class CaseJob:
     patient: str
     source: str
     payload: Any = None
-
-
-def _write_image_atomic(image: sitk.Image, path: Path) -> None:
-    import SimpleITK as sitk
-
-    tmp = path.with_name(path.name[: -len(FILE_ENDING)] + ".tmp" + FILE_ENDING)
-    sitk.WriteImage(image, str(tmp), useCompression=True)
-    os.replace(tmp, path)
 
 
 def _write_json_atomic(data: Any, path: Path) -> None:

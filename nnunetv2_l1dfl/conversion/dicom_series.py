@@ -236,6 +236,25 @@ def _floats(ds: pydicom.Dataset, keyword: str, tag: str, path: Path, count: int)
     return np.asarray([float(v) for v in value], dtype=np.float64)
 
 
+def _rescale_value(ds: pydicom.Dataset, keyword: str, tag: str, path: Path, default: float) -> float:
+    """RescaleSlope / RescaleIntercept of one slice; ``default`` when absent or empty.
+
+    An explicit slope of 0 would flatten the slice to the intercept and a non-finite value poisons
+    every voxel, so both raise ``DicomSeriesError`` rather than being replaced by the default.
+    """
+    element = ds.get(keyword)
+    text = "" if element is None else str(element).strip()
+    if not text:
+        return default
+    try:
+        value = float(element)
+    except (TypeError, ValueError):
+        raise DicomSeriesError(f"{path}: {keyword} {tag} is not a number: {text!r}") from None
+    if not np.isfinite(value) or (keyword == "RescaleSlope" and value == 0.0):
+        raise DicomSeriesError(f"{path}: {keyword} {tag} is {text!r}; the stored pixels cannot be rescaled")
+    return value
+
+
 def load_slice_stack(files: Sequence[Path], what: str = "series") -> SliceStack:
     """Read single-frame slices into one regular volume, each slice with its own rescale.
 
@@ -316,8 +335,8 @@ def load_slice_stack(files: Sequence[Path], what: str = "series") -> SliceStack:
             pixels = ds.pixel_array
         except Exception as e:
             raise DicomSeriesError(f"{path}: cannot decode the pixel data: {e}") from e
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        slope = _rescale_value(ds, "RescaleSlope", "(0028,1053)", path, default=1.0)
+        intercept = _rescale_value(ds, "RescaleIntercept", "(0028,1052)", path, default=0.0)
         array[k] = (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
 
     direction = np.stack([row_cos, col_cos, normal], axis=1)  # columns: x, y, z axes

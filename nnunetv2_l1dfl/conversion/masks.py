@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nnunetv2_l1dfl.conversion.dicom_series import FRAME_OF_REFERENCE_KEY
-from nnunetv2_l1dfl.conversion.resample import resample_mask_to, same_geometry
+from nnunetv2_l1dfl.conversion.resample import MaskResampleReport, resample_mask_to, same_geometry
 
 if TYPE_CHECKING:
     import pydicom
@@ -244,6 +244,18 @@ def rasterize_rtstruct(
     return image, sorted(used, key=lambda n: list(names.values()).index(n))
 
 
+def _log_resample_report(path: Path, what: str, report: MaskResampleReport) -> None:
+    """One line of lesion bookkeeping per resampled mask: a warning when a lesion was lost, rescued
+    as a single voxel or merged with a neighbour (the count after is then lower), else info."""
+    changed = report.lost_lesions or report.rescued_lesions or report.merged_lesions
+    logger.log(
+        logging.WARNING if changed else logging.INFO,
+        "%s: %s resampled onto the reference: %d lesions before, %d after, %d rescued, %d lost, %d merged",
+        path, what, report.lesions_before, report.lesions_after, report.rescued_lesions, report.lost_lesions,
+        report.merged_lesions,
+    )  # fmt: skip
+
+
 def read_dicom_seg(seg_path: Path, reference: sitk.Image, segment_pattern: str | None = None,
                    keep_segment_numbers: bool = False) -> sitk.Image:  # fmt: skip
     """Read a DICOM SEG (highdicom) as a uint8 label map on ``reference``'s grid.
@@ -297,11 +309,7 @@ def read_dicom_seg(seg_path: Path, reference: sitk.Image, segment_pattern: str |
         image.CopyInformation(reference)
         return image
     resampled, report = resample_mask_to(image, reference)
-    logger.log(
-        logging.WARNING if report.lost_lesions or report.rescued_lesions else logging.INFO,
-        "%s: SEG resampled onto the reference: %d lesions before, %d after, %d rescued, %d lost",
-        path, report.lesions_before, report.lesions_after, report.rescued_lesions, report.lost_lesions,
-    )  # fmt: skip
+    _log_resample_report(path, "SEG", report)
     return resampled
 
 
@@ -327,9 +335,5 @@ def read_nifti_mask(path: Path, reference: sitk.Image) -> sitk.Image:
         labels.CopyInformation(reference)
         return labels
     resampled, report = resample_mask_to(labels, reference)
-    logger.log(
-        logging.WARNING if report.lost_lesions or report.rescued_lesions else logging.INFO,
-        "%s: mask resampled onto the reference: %d lesions before, %d after, %d rescued, %d lost",
-        path, report.lesions_before, report.lesions_after, report.rescued_lesions, report.lost_lesions,
-    )  # fmt: skip
+    _log_resample_report(path, "mask", report)
     return resampled

@@ -2,9 +2,14 @@
 
 CT outside its field of view becomes -1024 HU (air), and ``ct_coverage_fraction`` says how much of
 the PET grid the CT covers. Label maps are resampled per label as a linearly interpolated fraction
-map thresholded at 0.5 (a smoother, partial-volume-aware nearest neighbour); a lesion (3D connected
-component, 18-connectivity) that would vanish on the coarser grid keeps its highest-fraction voxel,
-and the report says how many lesions there were before and after.
+map thresholded at 0.5 (a smoother nearest neighbour: a reference voxel gets the label when its
+centre lies in it). Whether a lesion (3D connected component, 18-connectivity) survives is decided
+on a second map, the true volume fraction of each reference voxel that the lesion covers: a lesion
+that lies between reference voxel centres reaches no centre, however much finer the mask grid is,
+but it still overlaps voxels. A lesion that leaves no voxel at the threshold keeps the reference
+voxel holding the largest part of it; it is lost only when it lies outside the reference grid (or
+every voxel it overlaps holds another label). The report says how many lesions there were before
+and after, and how many were lost, rescued or merged.
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ logger = logging.getLogger(__name__)
 CT_OUTSIDE_HU = -1024.0
 MASK_THRESHOLD = 0.5
 LESION_CONNECTIVITY = 18
+# Directions that agree within this are treated as one set of axes (exact separable overlap);
+# anything else goes through sub-voxel point sampling.
+ALIGNED_DIRECTION_TOL = 1e-4
+# Point sampling (non-aligned grids): sub-points per reference-voxel edge, and the cap per source edge.
+SAMPLES_PER_REFERENCE_EDGE = 8
+MAX_SAMPLES_PER_SOURCE_EDGE = 16
+TOUCH_MM = 1e-6  # interval overlaps below this are rounding noise of voxels that only touch
+SOURCE_SLAB = 64  # source slices per block of the separable overlap (bounds memory on big lesions)
+POINT_BLOCK = 1 << 21  # sample points per block of the point sampling
 
 
 @dataclass
@@ -31,14 +45,19 @@ class MaskResampleReport:
 
     lesions_before / lesions_after: 3D connected components (18-connectivity) per label in the input
     and in the output (lesions that merge on the coarser grid count once after). rescued_lesions:
-    lesions that would have vanished and were kept as their highest-fraction voxel. lost_lesions:
-    lesions with no voxel at all in the output (they lie outside the reference grid).
+    lesions that would have vanished at the 0.5 threshold and were kept as the reference voxel
+    holding the largest part of them. lost_lesions: lesions with no voxel in the output, either
+    because they lie entirely outside the reference grid or because every reference voxel they
+    overlap went to another label; ``messages`` says which. merged_lesions: per label, lesions
+    before minus lost minus lesions after, when positive (neighbours joined on the coarser grid;
+    a net count, a lesion that splits in two offsets one merge).
     """
 
     lesions_before: int
     lesions_after: int
     lost_lesions: int
     rescued_lesions: int = 0
+    merged_lesions: int = 0
     messages: list[str] = field(default_factory=list)
 
 
@@ -94,16 +113,155 @@ def _component_box_on_reference(
     return start, stop
 
 
+def _geometry(image: sitk.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(origin, spacing, direction 3x3 with the axes as columns) of an image, as float64 arrays."""
+    return (
+        np.asarray(image.GetOrigin(), dtype=np.float64),
+        np.asarray(image.GetSpacing(), dtype=np.float64),
+        np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3),
+    )
+
+
+def _overlap_matrix(offset_mm: float, source_spacing: float, source_index: np.ndarray,
+                    reference_spacing: float, reference_index: np.ndarray) -> np.ndarray:  # fmt: skip
+    """(reference voxels, source voxels) overlap along one shared axis, as a fraction of a reference voxel.
+
+    offset_mm: position of the source voxel 0 centre along the axis, relative to the reference
+    origin. Voxel k of either grid spans its centre +- half its spacing.
+    """
+    source_lo = offset_mm + source_spacing * (source_index - 0.5)
+    reference_lo = reference_spacing * (reference_index - 0.5)
+    overlap = np.minimum(source_lo[None, :] + source_spacing, reference_lo[:, None] + reference_spacing) - np.maximum(
+        source_lo[None, :], reference_lo[:, None]
+    )
+    # Voxels that only touch (overlap at rounding level) do not overlap.
+    overlap[overlap < TOUCH_MM] = 0.0
+    return (overlap / reference_spacing).astype(np.float32)
+
+
+def _fraction_separable(binary: np.ndarray, lo: np.ndarray, source: sitk.Image, reference: sitk.Image,
+                        start: np.ndarray, stop: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Exact volume fraction of each reference voxel in ``start:stop`` covered by ``binary``.
+
+    Only for grids that share their axes (same direction): the overlap of two boxes is then the
+    product of three 1D interval overlaps, so the fraction map is the binary mask multiplied by one
+    overlap matrix per axis. binary: (z, y, x) block of the source whose first voxel has the source
+    index ``lo`` (x, y, z); start, stop: reference index box (x, y, z). Returns (z, y, x) float32.
+    """
+    source_origin, source_spacing, direction = _geometry(source)
+    reference_origin, reference_spacing, _ = _geometry(reference)
+    offset = direction.T @ (source_origin - reference_origin)  # source voxel 0 along the shared axes
+    wx, wy, wz = (
+        _overlap_matrix(offset[d], source_spacing[d], lo[d] + np.arange(binary.shape[2 - d]),
+                        reference_spacing[d], np.arange(start[d], stop[d]))  # fmt: skip
+        for d in range(3)
+    )
+    out = np.zeros((wz.shape[0], wy.shape[0], wx.shape[0]), dtype=np.float32)
+    for z0 in range(0, binary.shape[0], SOURCE_SLAB):
+        slab = binary[z0 : z0 + SOURCE_SLAB].astype(np.float32) @ wx.T  # (slices, y, reference x)
+        slab = np.matmul(wy, slab)  # (slices, reference y, reference x)
+        out += np.tensordot(wz[:, z0 : z0 + SOURCE_SLAB], slab, axes=(1, 0))
+    return out
+
+
+def _fraction_sampled(binary: np.ndarray, lo: np.ndarray, source: sitk.Image, reference: sitk.Image,
+                      start: np.ndarray, stop: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Volume fraction of each reference voxel in ``start:stop`` covered by ``binary``, any directions.
+
+    Every foreground source voxel is split into a regular grid of sub-points (enough for about
+    :data:`SAMPLES_PER_REFERENCE_EDGE` per reference voxel edge); each sub-point is mapped through
+    the physical space into the reference grid and counted in the voxel that contains it; a count
+    times the sub-point volume over the reference voxel volume is the fraction (capped at 1: the
+    count of a fully covered voxel jitters by a layer of sub-points). Arguments as
+    :func:`_fraction_separable`.
+    """
+    source_origin, source_spacing, source_direction = _geometry(source)
+    reference_origin, reference_spacing, reference_direction = _geometry(reference)
+    # Continuous source index (x, y, z) -> continuous reference index, one affine map.
+    to_reference = (reference_direction.T @ source_direction * source_spacing) / reference_spacing[:, None]
+    shift = reference_direction.T @ (source_origin - reference_origin) / reference_spacing
+    per_edge = np.clip(
+        np.ceil(SAMPLES_PER_REFERENCE_EDGE * source_spacing / reference_spacing.min()), 1, MAX_SAMPLES_PER_SOURCE_EDGE
+    ).astype(int)
+    axes = [(np.arange(n) + 0.5) / n - 0.5 for n in per_edge]
+    sub = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3) @ to_reference.T
+    shape = (stop - start)[::-1]  # z, y, x
+    counts = np.zeros(int(np.prod(shape)), dtype=np.int64)
+    voxels = np.argwhere(binary)[:, ::-1] + lo  # source index (x, y, z) of each foreground voxel
+    block = max(1, POINT_BLOCK // len(sub))
+    for v0 in range(0, len(voxels), block):
+        centres = voxels[v0 : v0 + block] @ to_reference.T + shift
+        index = np.floor(centres[:, None, :] + sub[None, :, :] + 0.5).astype(np.int64).reshape(-1, 3) - start
+        inside = np.all((index >= 0) & (index < stop - start), axis=1)
+        index = index[inside]
+        counts += np.bincount(np.ravel_multi_index((index[:, 2], index[:, 1], index[:, 0]), shape), minlength=counts.size)
+    sub_volume = float(np.prod(source_spacing)) / len(sub)
+    fraction = counts.reshape(shape) * (sub_volume / float(np.prod(reference_spacing)))
+    return np.minimum(fraction, 1.0).astype(np.float32)
+
+
+def lesion_fraction_on(
+    binary: np.ndarray, lo: np.ndarray, source: sitk.Image, reference: sitk.Image
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Volume fraction of the reference voxels around one lesion covered by it.
+
+    binary: (z, y, x) bool block of ``source`` holding the lesion, its first voxel at source index
+    ``lo`` (x, y, z). Returns (start, stop, fraction): the reference index box (x, y, z, stop
+    exclusive) around the lesion, clipped to the reference, and the (z, y, x) float32 fraction of
+    each of its voxels (0..1) that the lesion covers; None when the box misses the reference. The
+    overlap is exact for grids sharing their directions and sampled with sub-voxel points otherwise.
+    """
+    lo = np.asarray(lo, dtype=np.int64)
+    hi = lo + np.asarray(binary.shape[::-1]) - 1
+    box = _component_box_on_reference(source, lo, hi, reference)
+    if box is None:
+        return None
+    start, stop = box
+    aligned = np.allclose(source.GetDirection(), reference.GetDirection(), rtol=0, atol=ALIGNED_DIRECTION_TOL)
+    method = _fraction_separable if aligned else _fraction_sampled
+    return start, stop, method(binary, lo, source, reference, start, stop)
+
+
+def _count_lesions(binary: np.ndarray) -> int:
+    import cc3d
+
+    return int(cc3d.connected_components(binary, connectivity=LESION_CONNECTIVITY, return_N=True)[1]) if binary.any() else 0
+
+
+def _centre_fraction(binary: np.ndarray, lo: np.ndarray, source: sitk.Image, reference: sitk.Image,
+                     start: np.ndarray, stop: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Lesion ``binary`` interpolated linearly at the centres of the reference voxels ``start:stop``.
+
+    Arguments as :func:`_fraction_separable`; returns (z, y, x) float32. Linear interpolation is
+    linear in the image, so the maps of the lesions of one label add up to the label's map.
+    """
+    import SimpleITK as sitk
+
+    # Zero border: the interpolator clamps at the buffer edge, which would smear the lesion.
+    piece = sitk.GetImageFromArray(np.pad(binary.astype(np.float32), 1))
+    piece.SetSpacing(source.GetSpacing())
+    piece.SetDirection(source.GetDirection())
+    piece.SetOrigin(source.TransformContinuousIndexToPhysicalPoint(tuple(float(v) - 1.0 for v in lo)))
+    window = sitk.Image([int(v) for v in stop - start], sitk.sitkFloat32)
+    window.SetSpacing(reference.GetSpacing())
+    window.SetDirection(reference.GetDirection())
+    window.SetOrigin(reference.TransformIndexToPhysicalPoint(tuple(int(v) for v in start)))
+    return sitk.GetArrayFromImage(sitk.Resample(piece, window, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+
+
 def resample_mask_to(mask: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, MaskResampleReport]:
     """Label map resampled onto ``reference``'s grid, keeping every lesion that can be kept.
 
     mask: integer label map (0 = background), any grid in the same physical space. Per label, the
-    binary mask is interpolated linearly (a fraction map) and voxels with fraction >= 0.5 get the
-    label; where several labels pass, the one with the larger fraction wins (ties: lower label).
-    A lesion (connected component of one label) that leaves no voxel in the result keeps its
-    highest-fraction voxel, unless it lies entirely outside the reference (then it is lost).
-    Returns a uint8 label map with ``reference``'s geometry and the report; identical geometries
-    are copied through unchanged.
+    binary mask is interpolated linearly at the reference voxel centres (a fraction map) and
+    voxels with fraction >= 0.5 get the label; where several labels pass, the one with the larger
+    fraction wins (ties: lower label). A lesion (connected component of one label) that leaves no
+    voxel in the result keeps the free reference voxel holding the largest part of its volume
+    (:func:`lesion_fraction_on`), which finds it wherever it lies between voxel centres. It is
+    lost only when it lies entirely outside the reference grid, or when every reference voxel it
+    overlaps already holds another label. Returns a uint8 label map with ``reference``'s geometry
+    and the report (lost, rescued and merged lesions are also logged as warnings); identical
+    geometries are copied through unchanged.
     """
     import cc3d
     import SimpleITK as sitk
@@ -118,74 +276,74 @@ def resample_mask_to(mask: sitk.Image, reference: sitk.Image) -> tuple[sitk.Imag
     if same_geometry(mask, reference):
         out = sitk.GetImageFromArray(source_array)
         out.CopyInformation(reference)
-        n = sum(int(cc3d.connected_components(source_array == v, connectivity=LESION_CONNECTIVITY, return_N=True)[1]) for v in labels)
+        n = sum(_count_lesions(source_array == v) for v in labels)
         return out, MaskResampleReport(n, n, 0)
 
-    ref_size = reference.GetSize()
-    best_fraction = np.zeros(ref_size[::-1], dtype=np.float32)
-    out_array = np.zeros(ref_size[::-1], dtype=np.uint8)
-    components_by_label = {}
-    lesions_before = 0
+    ref_shape = reference.GetSize()[::-1]
+    best_fraction = np.zeros(ref_shape, dtype=np.float32)
+    out_array = np.zeros(ref_shape, dtype=np.uint8)
+    report = MaskResampleReport(0, 0, 0)
+    # label, voxels, reference window (z, y, x slices) or None when outside, volume fraction there
+    lesions: list[tuple[int, int, tuple[slice, ...] | None, np.ndarray | None]] = []
+    before: dict[int, int] = {}
+    label_fraction = np.zeros(ref_shape, dtype=np.float32)
     for value in labels:
-        binary = source_array == value
-        binary_image = sitk.GetImageFromArray(binary.astype(np.float32))
-        binary_image.CopyInformation(mask)
-        fraction = sitk.GetArrayFromImage(
-            sitk.Resample(binary_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        bounds = ndimage.find_objects((source_array == value).view(np.uint8))[0]
+        components, n = cc3d.connected_components(
+            source_array[bounds] == value, connectivity=LESION_CONNECTIVITY, return_N=True
         )
-        wins = (fraction >= MASK_THRESHOLD) & (fraction > best_fraction)
-        out_array[wins] = value
-        best_fraction[wins] = fraction[wins]
-        components, n = cc3d.connected_components(binary, connectivity=LESION_CONNECTIVITY, return_N=True)
-        components_by_label[value] = components
-        lesions_before += int(n)
-
-    report = MaskResampleReport(lesions_before, 0, 0)
-    for value, components in components_by_label.items():
+        before[value] = int(n)
+        label_fraction.fill(0.0)
         for component_id, box in enumerate(ndimage.find_objects(components), start=1):
-            if box is None:
+            lesion = components[box] == component_id
+            lo = np.array([bounds[2].start + box[2].start, bounds[1].start + box[1].start, bounds[0].start + box[0].start])
+            placed = lesion_fraction_on(lesion, lo, mask, reference)
+            if placed is None:
+                lesions.append((value, int(lesion.sum()), None, None))
                 continue
-            lo = np.array([box[2].start, box[1].start, box[0].start])  # x, y, z
-            hi = np.array([box[2].stop - 1, box[1].stop - 1, box[0].stop - 1])
-            target = _component_box_on_reference(mask, lo, hi, reference)
-            if target is None:
-                report.lost_lesions += 1
-                report.messages.append(f"label {value}: a lesion lies outside the reference grid and is lost")
-                continue
-            start, stop = target
-            # Zero border: the interpolator clamps at the buffer edge, which would smear the lesion.
-            piece = sitk.GetImageFromArray(np.pad((components[box] == component_id).astype(np.float32), 1))
-            piece.SetSpacing(mask.GetSpacing())
-            piece.SetDirection(mask.GetDirection())
-            piece.SetOrigin(mask.TransformContinuousIndexToPhysicalPoint(tuple(float(v) - 1.0 for v in lo)))
-            window = sitk.Image([int(v) for v in stop - start], sitk.sitkFloat32)
-            window.SetSpacing(reference.GetSpacing())
-            window.SetDirection(reference.GetDirection())
-            window.SetOrigin(reference.TransformIndexToPhysicalPoint(tuple(int(v) for v in start)))
-            fraction = sitk.GetArrayFromImage(
-                sitk.Resample(piece, window, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-            )
-            zs, ys, xs = (slice(int(a), int(b)) for a, b in zip(start[::-1], stop[::-1]))
-            if np.any((fraction > 0) & (out_array[zs, ys, xs] == value)):
-                continue  # present in the result (possibly merged with a neighbour)
-            free = np.where(out_array[zs, ys, xs] == 0, fraction, 0.0)  # never overwrite another label
-            if free.max() <= 0:
-                report.lost_lesions += 1
-                report.messages.append(
-                    f"label {value}: a lesion has no free voxel overlapping it on the reference grid and is lost"
-                )
-                continue
-            k, j, i = np.unravel_index(int(np.argmax(free)), free.shape)
-            out_array[zs, ys, xs][k, j, i] = value
-            report.rescued_lesions += 1
-            voxels = int((components[box] == component_id).sum())
+            start, stop, volume_fraction = placed
+            window = tuple(slice(int(a), int(b)) for a, b in zip(start[::-1], stop[::-1]))
+            label_fraction[window] += _centre_fraction(lesion, lo, mask, reference, start, stop)
+            lesions.append((value, int(lesion.sum()), window, volume_fraction))
+        wins = (label_fraction >= MASK_THRESHOLD) & (label_fraction > best_fraction)
+        out_array[wins] = value
+        best_fraction[wins] = label_fraction[wins]
+    report.lesions_before = sum(before.values())
+
+    lost: dict[int, int] = dict.fromkeys(labels, 0)
+    for value, voxels, window, fraction in lesions:
+        if window is None or not np.any(fraction > 0):
+            lost[value] += 1
+            report.messages.append(f"label {value}: a {voxels}-voxel lesion lies outside the reference grid and is lost")
+            continue
+        here = out_array[window]  # a view: the rescue below writes into out_array
+        if np.any((fraction > 0) & (here == value)):
+            continue  # present in the result (possibly merged with a neighbour)
+        free = np.where(here == 0, fraction, 0.0)  # never overwrite another label
+        if free.max() <= 0:
+            lost[value] += 1
             report.messages.append(
-                f"label {value}: a {voxels}-voxel lesion would vanish on the reference grid (max fraction "
-                f"{fraction.max():.2f} < {MASK_THRESHOLD}); kept as its highest-fraction voxel"
+                f"label {value}: a {voxels}-voxel lesion is lost: every reference voxel it overlaps holds another label"
             )
-    report.lesions_after = sum(
-        int(cc3d.connected_components(out_array == v, connectivity=LESION_CONNECTIVITY, return_N=True)[1]) for v in labels
-    )
+            continue
+        k, j, i = np.unravel_index(int(np.argmax(free)), free.shape)
+        here[k, j, i] = value
+        report.rescued_lesions += 1
+        report.messages.append(
+            f"label {value}: a {voxels}-voxel lesion would vanish on the reference grid (it covers at most "
+            f"{fraction.max():.2f} of a reference voxel and no voxel centre); kept as the voxel holding most of it"
+        )
+    report.lost_lesions = sum(lost.values())
+    for value in labels:
+        after = _count_lesions(out_array == value)
+        report.lesions_after += after
+        merged = before[value] - lost[value] - after
+        if merged > 0:
+            report.merged_lesions += merged
+            report.messages.append(
+                f"label {value}: {before[value]} lesions before, {after} after on the reference grid "
+                f"({lost[value]} lost): {merged} merged with a neighbour"
+            )
     for message in report.messages:
         logger.warning(message)
     out = sitk.GetImageFromArray(out_array)

@@ -19,7 +19,11 @@ The steps (``read_pet_suv``), each recorded in ``SUVResult.branch``:
 5. Injection: RadiopharmaceuticalStartDateTime (0018,1078), else RadiopharmaceuticalStartTime
    (0018,1072) on the series date, one day earlier if that falls after the reference (midnight).
 6. A dose below 1e4 was entered in MBq (times 1e6); a weight above 1000 was entered in grams.
-7. Half-life from RadionuclideHalfLife (0018,1075).
+7. Half-life from RadionuclideHalfLife (0018,1075), checked against the nuclide: the one named by
+   RadionuclideCodeSequence (0054,0300) (code value or meaning) or Radionuclide (0018,0030) must
+   have that half-life within 2 %; with no nuclide named, the value must be within 2 % of some PET
+   nuclide's (:data:`PET_HALF_LIVES_S`). Minutes typed for seconds (109.77 for F-18) would
+   otherwise give SUVs of 1e10 without complaint.
 
 CM2ML (SUVbsa, cm2/ml) is an error rather than a conversion: SUVbw = SUVbsa * weight / BSA needs
 the body-surface-area formula the scanner used (Du Bois, Mosteller, Haycock...), which the header does
@@ -75,6 +79,54 @@ TAGS = {
     "RadiopharmaceuticalStartDateTime": "(0018,1078)",
 }
 
+# Physical half-lives (s) of the radionuclides PET images are made with (NNDC / DDEP values).
+# Vendors write slightly different values (F-18 6586 or 6588, Ga-68 4063 or 4080, C-11 1220 or
+# 1223), hence the tolerance; a unit slip (minutes, hours) is off by a factor of 60 or more.
+PET_HALF_LIVES_S: dict[str, float] = {
+    "Rb-82": 75.45,
+    "O-15": 122.24,
+    "Cu-62": 580.4,
+    "N-13": 597.9,
+    "C-11": 1221.8,
+    "Ga-68": 4062.6,
+    "F-18": 6586.2,
+    "Cu-61": 12020.0,
+    "Cu-64": 45720.0,
+    "Y-86": 53064.0,
+    "Br-76": 58320.0,
+    "Y-90": 230580.0,
+    "Zr-89": 282276.0,
+    "I-124": 360806.0,
+    "Ge-68": 23410080.0,
+}
+HALF_LIFE_REL_TOL = 0.02
+# DICOM CID 4020 (PET Radionuclide) codes, in their SNOMED RT (SRT) and SNOMED CT (SCT) forms.
+RADIONUCLIDE_CODES: dict[str, str] = {
+    "C-B1038": "O-15", "129504001": "O-15",
+    "C-159A2": "Rb-82", "79197006": "Rb-82",
+    "C-107A1": "N-13", "21576001": "N-13",
+    "C-127A5": "Cu-62", "422934004": "Cu-62",
+    "C-105A1": "C-11", "40565003": "C-11",
+    "C-131A3": "Ga-68", "35337001": "Ga-68",
+    "C-111A1": "F-18", "77004003": "F-18",
+    "C-127A1": "Cu-61", "71425003": "Cu-61",
+    "C-127A2": "Cu-64", "3932008": "Cu-64",
+    "C-162A3": "Y-86", "10738001": "Y-86",
+    "C-113A2": "Br-76", "79523006": "Br-76",
+    "C-162A7": "Y-90", "14691008": "Y-90",
+    "C-168A4": "Zr-89", "63360001": "Zr-89",
+    "C-114A5": "I-124", "40937006": "I-124",
+    "C-128A2": "Ge-68", "53315004": "Ge-68",
+}  # fmt: skip
+# Element names and symbols as written in CodeMeaning / Radionuclide text ("^18^Fluorine", "Ga-68").
+_ELEMENTS = {
+    "O": "O", "OXYGEN": "O", "RB": "Rb", "RUBIDIUM": "Rb", "N": "N", "NITROGEN": "N", "CU": "Cu",
+    "COPPER": "Cu", "C": "C", "CARBON": "C", "GA": "Ga", "GALLIUM": "Ga", "F": "F", "FLUORINE": "F",
+    "Y": "Y", "YTTRIUM": "Y", "BR": "Br", "BROMINE": "Br", "ZR": "Zr", "ZIRCONIUM": "Zr", "I": "I",
+    "IODINE": "I", "GE": "Ge", "GERMANIUM": "Ge",
+}  # fmt: skip
+_TIME_UNITS_S = {"minutes": 60.0, "hours": 3600.0, "days": 86400.0, "milliseconds": 1e-3}
+
 
 class SUVError(ValueError):
     """SUV cannot be computed correctly; the message names the case, the attribute and its tag."""
@@ -90,7 +142,9 @@ class SUVResult:
     details: the values used: weight_kg, injected_dose_bq, half_life_s, decay_factor (dose at the
         reference / dose at injection; a [min, max] pair for DC NONE), reference_time and
         injection_time (ISO strings), seconds_injection_to_reference, units, decay_correction,
-        suv_type, tracer, radionuclide, scanner (manufacturer and model), suv_max.
+        suv_type, tracer, radionuclide (CodeMeaning as written), nuclide (e.g. ``"F-18"``, the one
+        the half-life was checked against; decay-corrected branches only), scanner (manufacturer
+        and model), suv_max.
     """
 
     image: sitk.Image
@@ -465,8 +519,80 @@ def _weight_dose_half_life(header: _Header, details: dict, fixes: list[str]) -> 
     half_life = header.number("RadionuclideHalfLife")
     if half_life is None or half_life <= 0:
         raise header.error(f"RadionuclideHalfLife (0018,1075) is {half_life!r}")
+    details["nuclide"] = _check_half_life(header, half_life)
     details.update(weight_kg=weight, injected_dose_bq=dose, half_life_s=half_life)
     return weight, dose, half_life
+
+
+def _nuclide_from_text(text: str) -> str | None:
+    """The PET nuclide (a :data:`PET_HALF_LIVES_S` key) a free text names, or None.
+
+    Reads an element name or symbol next to a mass number in either order, whatever the separators:
+    ``"^18^Fluorine"``, ``"Fluorine^18^"``, ``"18F"``, ``"F-18"``, ``"Ga68 PSMA-11"``. None when
+    no nuclide or more than one different nuclide is named.
+    """
+    tokens = re.findall(r"[A-Z]+|\d+", text.upper())
+    found = set()
+    for a, b in zip(tokens, tokens[1:]):
+        name, mass = (a, b) if b.isdigit() else (b, a)
+        if mass.isdigit() and name in _ELEMENTS:
+            nuclide = f"{_ELEMENTS[name]}-{int(mass)}"
+            if nuclide in PET_HALF_LIVES_S:
+                found.add(nuclide)
+    return found.pop() if len(found) == 1 else None
+
+
+def _identify_nuclide(header: _Header) -> tuple[str, str] | None:
+    """(nuclide, where it was read) from RadionuclideCodeSequence (0054,0300), else Radionuclide (0018,0030)."""
+    items = header.rp.get("RadionuclideCodeSequence") if header.rp is not None else None
+    for item in items or []:
+        code = str(item.get("CodeValue", "")).strip().upper()
+        if code in RADIONUCLIDE_CODES:
+            return RADIONUCLIDE_CODES[code], f"RadionuclideCodeSequence (0054,0300) code {code}"
+        meaning = str(item.get("CodeMeaning", "")).strip()
+        nuclide = _nuclide_from_text(meaning)
+        if nuclide:
+            return nuclide, f"RadionuclideCodeSequence (0054,0300) meaning {meaning!r}"
+    for source in (header.rp, header.first):  # (0018,0030) is retired; exports put it in either place
+        text = str(source.get("Radionuclide", "") or "").strip() if source is not None else ""
+        nuclide = _nuclide_from_text(text)
+        if nuclide:
+            return nuclide, f"Radionuclide (0018,0030) {text!r}"
+    return None
+
+
+def _unit_hint(half_life_s: float, candidates: dict[str, float]) -> str:
+    """'; it looks like F-18's half-life in minutes' when a unit slip explains the value."""
+    for unit, factor in _TIME_UNITS_S.items():
+        for nuclide, known in candidates.items():
+            if abs(half_life_s * factor / known - 1.0) <= HALF_LIFE_REL_TOL:
+                return f"; it looks like {nuclide}'s half-life in {unit} ({known:g} s)"
+    return "; the tag must hold seconds"
+
+
+def _check_half_life(header: _Header, half_life_s: float) -> str:
+    """The nuclide the half-life belongs to; ``SUVError`` when it contradicts the named nuclide or
+    matches none (a unit slip in (0018,1075) scales every SUV by 2**(t/T) silently otherwise)."""
+    identified = _identify_nuclide(header)
+    if identified is not None:
+        nuclide, where = identified
+        known = PET_HALF_LIVES_S[nuclide]
+        if abs(half_life_s / known - 1.0) <= HALF_LIFE_REL_TOL:
+            return nuclide
+        raise header.error(
+            f"RadionuclideHalfLife (0018,1075) is {half_life_s:g} s, but {where} names {nuclide}, whose "
+            f"half-life is {known:g} s (more than {100 * HALF_LIFE_REL_TOL:g} % apart)"
+            f"{_unit_hint(half_life_s, {nuclide: known})}"
+        )
+    closest = min(PET_HALF_LIVES_S, key=lambda n: abs(half_life_s / PET_HALF_LIVES_S[n] - 1.0))
+    if abs(half_life_s / PET_HALF_LIVES_S[closest] - 1.0) <= HALF_LIFE_REL_TOL:
+        return closest
+    listed = ", ".join(f"{n} {t:.8g} s" for n, t in PET_HALF_LIVES_S.items())
+    raise header.error(
+        f"RadionuclideHalfLife (0018,1075) is {half_life_s:g} s, which matches no known PET radionuclide "
+        f"within {100 * HALF_LIFE_REL_TOL:g} % and neither RadionuclideCodeSequence (0054,0300) nor "
+        f"Radionuclide (0018,0030) names one{_unit_hint(half_life_s, PET_HALF_LIVES_S)}; known: {listed}"
+    )
 
 
 def _record_optional(header: _Header, details: dict) -> None:
