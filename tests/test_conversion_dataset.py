@@ -36,6 +36,15 @@ def test_cli_pet_norm_choices_match_the_writer():
     assert conversion_cli.DEFAULT_PET_NORM in PET_NORMALIZATIONS
 
 
+def test_each_pet_norm_name_selects_its_own_nnunet_normalization():
+    """nnU-Net silently falls back to z-score for a channel name it does not know: no choice may."""
+    from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
+
+    expected = {"CT": "CTNormalization", "noNorm": "NoNormalization", "zscore": "ZScoreNormalization",
+                "rescale_to_0_1": "RescaleTo01Normalization"}
+    assert {name: get_normalization_scheme(name).__name__ for name in PET_NORMALIZATIONS} == expected
+
+
 @pytest.mark.parametrize(
     ("raw", "safe"),
     [("PAT/001 X", "PAT-001-X"), ("a\\b:c", "a-b-c"), ("pat_0001", "pat-0001"), ("Müller, Jörg", "Muller-Jorg"),

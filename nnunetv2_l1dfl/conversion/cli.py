@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 # Kept in step with nnunetv2_l1dfl.conversion.dataset (not imported here to keep --help fast;
 # tests/test_conversion_dataset.py checks they agree).
-PET_NORM_CHOICES = ("CT", "noNorm", "zscore")
+PET_NORM_CHOICES = ("CT", "noNorm", "zscore", "rescale_to_0_1")
 DEFAULT_PET_NORM = "CT"
 
 PET_NORM_HELP = (
@@ -31,7 +31,8 @@ PET_NORM_HELP = (
     "mean/std for the whole dataset, so absolute SUV stays comparable between patients (as the "
     "autoPET III winner did); the default because SUV is quantitative and this keeps it while "
     "giving the network nnU-Net's usual input scale. 'noNorm': raw SUVbw, as in the L1DFL paper. "
-    "'zscore': per-image mean/std, which throws absolute SUV away. CT is always channel 0000 (HU), "
+    "'zscore': per-image mean/std, which throws absolute SUV away. 'rescale_to_0_1': per-image "
+    "min-max to [0, 1], whose scale is each case's hottest voxel. CT is always channel 0000 (HU), "
     "PET channel 0001 (SUVbw); dataset.json records both under 'channel_modalities'."
 )
 

@@ -69,6 +69,10 @@ PET_NORMALIZATIONS: dict[str, str] = {
         "non-CT channels); throws away absolute SUV, so a hot lesion in a cold patient and a "
         "cold lesion in a hot one look alike"
     ),
+    "rescale_to_0_1": (
+        "per image: min-max rescaling to [0, 1]; keeps SUV ratios within a case, but each case's "
+        "hottest voxel sets its scale, so absolute SUV is lost between patients"
+    ),
 }
 DEFAULT_PET_NORM = "CT"
 CHANNEL_MODALITIES = {
