@@ -38,7 +38,9 @@ def test_cli_pet_norm_choices_match_the_writer():
 
 def test_each_pet_norm_name_selects_its_own_nnunet_normalization():
     """nnU-Net silently falls back to z-score for a channel name it does not know: no choice may."""
-    from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
+    from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import (
+        get_normalization_scheme,
+    )
 
     expected = {"CT": "CTNormalization", "noNorm": "NoNormalization", "zscore": "ZScoreNormalization",
                 "rescale_to_0_1": "RescaleTo01Normalization"}
