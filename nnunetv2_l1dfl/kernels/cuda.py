@@ -137,6 +137,24 @@ def _softmax_forward_kernel(
 
 
 @triton.jit
+def _softmax_class_terms(
+    x_base, g_inter_ptr, g_union_ptr, b64, c, offs, in_range, label, vmax, vsum, V,
+    C: tl.constexpr, N_PER_UNIT: tl.constexpr, IS_FP64: tl.constexpr,
+):  # fmt: skip
+    """Backward terms of class ``c`` for a block: its logit, p, target mask and value, and the
+    incoming gradients of the intersection and union sums of the element's (sample, class, bin)."""
+    xc = _load_compute(x_base + c * V, offs, in_range, IS_FP64)
+    p = tl.exp(xc - vmax) / vsum
+    is_t = label == c
+    y = is_t.to(p.dtype)
+    k = _bin_of(tl.abs(p - y), N_PER_UNIT)
+    table = (b64 * C + c) * (N_PER_UNIT + 1) + k
+    g_i = tl.load(g_inter_ptr + table, mask=in_range, other=0.0).to(p.dtype)
+    g_u = tl.load(g_union_ptr + table, mask=in_range, other=0.0).to(p.dtype)
+    return xc, p, is_t, y, g_i, g_u
+
+
+@triton.jit
 def _softmax_backward_kernel(
     x_ptr, t_ptr, g_inter_ptr, g_union_ptr, g_focal_ptr, grad_ptr,
     V, ignore_label, gamma,
@@ -150,20 +168,14 @@ def _softmax_backward_kernel(
         x_ptr, t_ptr, b64, pid, V, ignore_label, C, HAS_IGNORE, IS_FP64, BLOCK
     )
     g_focal = tl.load(g_focal_ptr).to(vmax.dtype)
-    num_bins = N_PER_UNIT + 1
     # sum_j p_j G_j and the target class's logit and probability
     s_pg = tl.zeros_like(vmax)
     x_t = tl.zeros_like(vmax)
     p_t = tl.zeros_like(vmax)
     for c in tl.static_range(C):
-        xc = _load_compute(x_base + c * V, offs, in_range, IS_FP64)
-        p = tl.exp(xc - vmax) / vsum
-        is_t = label == c
-        y = is_t.to(p.dtype)
-        k = _bin_of(tl.abs(p - y), N_PER_UNIT)
-        table = (b64 * C + c) * num_bins + k
-        g_i = tl.load(g_inter_ptr + table, mask=in_range, other=0.0).to(p.dtype)
-        g_u = tl.load(g_union_ptr + table, mask=in_range, other=0.0).to(p.dtype)
+        xc, p, is_t, y, g_i, g_u = _softmax_class_terms(
+            x_base, g_inter_ptr, g_union_ptr, b64, c, offs, in_range, label, vmax, vsum, V, C, N_PER_UNIT, IS_FP64
+        )
         s_pg += p * (g_i * y + 2.0 * g_u * p)
         x_t = tl.where(is_t, xc, x_t)
         p_t = tl.where(is_t, p, p_t)
@@ -172,14 +184,9 @@ def _softmax_backward_kernel(
     counted = valid & (label >= 0) & (label < C)
     fa = tl.where(counted, g_focal * a, 0.0)
     for c in tl.static_range(C):
-        xc = _load_compute(x_base + c * V, offs, in_range, IS_FP64)
-        p = tl.exp(xc - vmax) / vsum
-        is_t = label == c
-        y = is_t.to(p.dtype)
-        k = _bin_of(tl.abs(p - y), N_PER_UNIT)
-        table = (b64 * C + c) * num_bins + k
-        g_i = tl.load(g_inter_ptr + table, mask=in_range, other=0.0).to(p.dtype)
-        g_u = tl.load(g_union_ptr + table, mask=in_range, other=0.0).to(p.dtype)
+        _, p, _, y, g_i, g_u = _softmax_class_terms(
+            x_base, g_inter_ptr, g_union_ptr, b64, c, offs, in_range, label, vmax, vsum, V, C, N_PER_UNIT, IS_FP64
+        )
         grad = p * (g_i * y + 2.0 * g_u * p - s_pg) + fa * (y - p)
         grad = tl.where(valid, grad, 0.0)
         tl.store(grad_ptr + b64 * C * V + c * V + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
