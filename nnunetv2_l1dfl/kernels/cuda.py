@@ -64,10 +64,17 @@ def _focal_terms(q, log_pt, gamma, GAMMA_INT: tl.constexpr):
 
 @triton.jit
 def _load_compute(ptr, offs, mask, IS_FP64: tl.constexpr):
+    """Logits in the compute dtype: float64 for float64 logits, float32 otherwise.
+
+    One return statement: the compiler types every ``return`` of a function alike, even under a
+    constexpr branch (two returns of different dtypes fail to compile; the interpreter accepts them).
+    """
     x = tl.load(ptr + offs, mask=mask, other=0.0)
     if IS_FP64:
-        return x.to(tl.float64)
-    return x.to(tl.float32)
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
