@@ -27,7 +27,7 @@ import argparse
 import csv
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -302,7 +302,7 @@ def load_dicom_case(job: CaseJob) -> LoadedCase:
 
     payload: ``pet_files``, ``ct_files``, ``mask`` (None, ``("nifti", path)`` or
     ``(modality, path, referenced_series_uids)``), ``pet_uid``, ``ct_uid``, ``roi_pattern``,
-    ``roi_labels``, ``seg_pattern``, ``metadata``.
+    ``roi_labels``, ``seg_pattern``, ``half_lives`` (extra nuclide half-lives, s), ``metadata``.
     """
     import SimpleITK as sitk
 
@@ -310,7 +310,7 @@ def load_dicom_case(job: CaseJob) -> LoadedCase:
     from nnunetv2_l1dfl.conversion.masks import rasterize_rtstruct
 
     p = job.payload
-    suv = _read_suv(p["pet_files"], job.case_id)
+    suv = _read_suv(p["pet_files"], job.case_id, p.get("half_lives"))
     pet = suv.image
     ct = read_ct_hu(p["ct_files"])
     mask = p["mask"]
@@ -343,11 +343,11 @@ def load_dicom_case(job: CaseJob) -> LoadedCase:
     return LoadedCase(ct=ct, pet=pet, label=label, metadata=metadata, warnings=warnings)
 
 
-def _read_suv(files: Sequence[str], case_id: str):
+def _read_suv(files: Sequence[str], case_id: str, half_lives: Mapping[str, float] | None = None):
     from nnunetv2_l1dfl.conversion.suv import SUVError, read_pet_suv
 
     try:
-        return read_pet_suv([Path(f) for f in files], case_id=case_id)
+        return read_pet_suv([Path(f) for f in files], case_id=case_id, extra_half_lives=half_lives)
     except SUVError as e:
         raise ConversionError(str(e)) from e
 
@@ -370,6 +370,7 @@ def convert_dicom_petct(
     allow_missing_mask: bool = False,
     pseudonym_key: Path | str | None = None,
     pet_norm: str = "CT",
+    extra_half_lives: Mapping[str, float] | None = None,
     num_processes: int = 1,
     overwrite: bool = False,
     progress: bool = True,
@@ -457,6 +458,7 @@ def convert_dicom_petct(
                     "roi_pattern": roi_pattern,
                     "roi_labels": roi_label_patterns,
                     "seg_pattern": seg_pattern,
+                    "half_lives": dict(extra_half_lives or {}),
                     "metadata": {
                         "patient": patient,
                         "study_date": "" if pseudonym_key else pet.study_date,
@@ -476,7 +478,7 @@ def convert_dicom_petct(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nnunetv2_l1dfl.conversion.cli import add_pseudonymize_arguments
+    from nnunetv2_l1dfl.conversion.cli import add_nuclide_argument, add_pseudonymize_arguments
 
     parser.add_argument(
         "--roi-pattern", default="lesion",
@@ -503,6 +505,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write PETs without any RTSTRUCT/SEG as lesion-free cases (negative controls) instead of failing them",
     )  # fmt: skip
     add_pseudonymize_arguments(parser)
+    add_nuclide_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -513,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
         args.input_dir, args.dataset_id, args.name, args.raw_dir, roi_pattern=args.roi_pattern,
         roi_labels=args.roi_labels, seg_pattern=args.seg_pattern, manifest=args.manifest,
         allow_missing_mask=args.allow_missing_mask, pseudonym_key=key_path, pet_norm=args.pet_norm,
-        num_processes=args.num_processes, overwrite=args.overwrite, progress=not args.no_progress,
+        extra_half_lives=dict(args.nuclide or ()), num_processes=args.num_processes, overwrite=args.overwrite, progress=not args.no_progress,
     )  # fmt: skip
     if skipped:
         print(

@@ -35,14 +35,14 @@ CASE_A, CASE_B, CASE_C, CASE_BAD = (
 )
 
 
-def _study(root: Path, patient: str, date: str, *, ct_grid: str, mask: str, omit=()) -> dict:
+def _study(root: Path, patient: str, date: str, *, ct_grid: str, mask: str, omit=(), half_life=HALF_LIFE_S) -> dict:
     from pydicom.uid import generate_uid
 
     study_uid, frame_uid = generate_uid(), generate_uid()
     common = dict(patient_id=patient, study_uid=study_uid, frame_of_reference_uid=frame_uid, study_date=date)
     pet_files = write_pet_series(
         root / "pet", h.pet_suv_volume() * BQML_PER_SUV, h.PET_SPACING, h.PET_ORIGIN,
-        weight_kg=WEIGHT_KG, dose_bq=DOSE_BQ, half_life=HALF_LIFE_S, omit=omit, **common,
+        weight_kg=WEIGHT_KG, dose_bq=DOSE_BQ, half_life=half_life, omit=omit, **common,
     )  # fmt: skip
     if ct_grid == "ct":
         ct_files = write_ct_series(root / "ct", h.ct_volume(), h.CT_SPACING, h.CT_ORIGIN, **common)
@@ -164,6 +164,21 @@ def test_dicom_conversion_end_to_end(dicom_tree, tmp_path, capsys):
     # Re-run: finished cases are skipped, the failure stays, --allow-failures gives exit 0.
     assert _convert(root, raw, "--allow-failures") == 0
     assert "0 converted, 3 already done, 1 failed" in capsys.readouterr().out
+
+
+def test_dicom_conversion_of_a_declared_nuclide(tmp_path, capsys):
+    """A tracer labelled with a nuclide the half-life table lacks fails, naming the tag, until
+    ``--nuclide`` declares it; the SUV then uses the header's half-life."""
+    root = tmp_path / "export"
+    _study(root / "p1", "SC44", "20240101", ct_grid="pet", mask="rtstruct-on-pet", half_life=14292.0)
+    raw = tmp_path / "raw"
+    assert _convert(root, raw) == 1
+    assert re.search(r"FAILED SC44_20240101: .*RadionuclideHalfLife \(0018,1075\)", capsys.readouterr().err)
+    assert _convert(root, raw, "--nuclide", "Sc-44=14292") == 0
+    pet = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "Dataset501_Dicom" / "imagesTr" / "SC44_20240101_0001.nii.gz")))
+    # the series was written for F-18 decay (BQML_PER_SUV): one hour with Sc-44's half-life instead
+    expected = h.LESION_SUV * 2.0 ** (-3600.0 / HALF_LIFE_S) / 2.0 ** (-3600.0 / 14292.0)
+    assert pet.max() == pytest.approx(expected, rel=2e-3)
 
 
 def test_dicom_pseudonymize_and_manifest(dicom_tree, tmp_path, capsys):

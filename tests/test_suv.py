@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 from _dicom_factories import write_pet_series
 
-from nnunetv2_l1dfl.conversion.suv import SUVError, read_pet_suv, suv_bw_scale
+from nnunetv2_l1dfl.cli import main
+from nnunetv2_l1dfl.conversion.suv import SUVError, parse_nuclide_option, read_pet_suv, suv_bw_scale
 
 # DRO ID -> a part of the branch that proves the DRO went down the path it tests (DRO_list.csv).
 DRO_BRANCH = {
@@ -337,3 +338,44 @@ def test_half_life_of_no_pet_nuclide_is_refused_and_vendor_variants_pass(tmp_pat
         folder = tmp_path / f"ok_{half_life:g}"
         write_pet_series(folder, _activity(), half_life=half_life)
         assert _suv(folder)[2]["nuclide"] == nuclide
+
+
+SC44_HALF_LIFE_S = 14292.0  # Sc-44, 3.97 h: a PET nuclide the built-in table does not list
+
+
+def test_unlisted_nuclide_is_refused_until_declared(tmp_path):
+    activity = _activity()
+    files = write_pet_series(tmp_path, activity, half_life=SC44_HALF_LIFE_S)
+    with pytest.raises(SUVError, match=r"matches no known PET radionuclide") as info:
+        _suv(tmp_path)
+    assert "--nuclide Sc-44=14292" in str(info.value)  # the error says how to declare one
+    result = read_pet_suv(files, case_id="case_x", extra_half_lives={"Sc-44": SC44_HALF_LIFE_S})
+    _assert_suv(sitk.GetArrayFromImage(result.image), _expected_suv(activity, half_life=SC44_HALF_LIFE_S))
+    assert result.details["nuclide"] == "Sc-44"
+    # Declaring a nuclide does not switch the check off: minutes for seconds still fail.
+    write_pet_series(tmp_path / "minutes", activity, half_life=SC44_HALF_LIFE_S / 60)
+    with pytest.raises(SUVError, match=r"half-life in minutes"):
+        read_pet_suv(sorted((tmp_path / "minutes").iterdir()), extra_half_lives={"Sc-44": SC44_HALF_LIFE_S})
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("Sc-44", "expected NAME=SECONDS"), ("=100", "must not be empty"), ("Sc-44=abc", "number of seconds"),
+     ("Sc-44=-5", "positive"), ("Sc-44=nan", "positive")],
+)  # fmt: skip
+def test_nuclide_option_is_validated(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_nuclide_option(text)
+    assert parse_nuclide_option(" Sc-44 = 14292 ") == ("Sc-44", 14292.0)
+
+
+def test_suv_command_takes_declared_nuclides(tmp_path, capsys):
+    write_pet_series(tmp_path / "pet", _activity(), half_life=SC44_HALF_LIFE_S)
+    out = tmp_path / "suv.nii.gz"
+    assert main(["suv", str(tmp_path / "pet"), str(out)]) == 1
+    assert "RadionuclideHalfLife (0018,1075)" in capsys.readouterr().err and not out.exists()
+    assert main(["suv", str(tmp_path / "pet"), str(out), "--nuclide", "Sc-44=14292"]) == 0
+    assert out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["suv", str(tmp_path / "pet"), str(out), "--nuclide", "Sc-44"])
+    assert exit_info.value.code == 2 and "expected NAME=SECONDS" in capsys.readouterr().err

@@ -36,6 +36,27 @@ PET_NORM_HELP = (
     "PET channel 0001 (SUVbw); dataset.json records both under 'channel_modalities'."
 )
 
+def nuclide_type(text: str) -> tuple[str, float]:
+    """argparse type of ``--nuclide NAME=SECONDS``."""
+    from nnunetv2_l1dfl.conversion.suv import parse_nuclide_option
+
+    try:
+        return parse_nuclide_option(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_nuclide_argument(parser: argparse.ArgumentParser) -> None:
+    """``--nuclide NAME=SECONDS`` (repeatable): a radionuclide the half-life check does not know."""
+    parser.add_argument(
+        "--nuclide", action="append", type=nuclide_type, metavar="NAME=SECONDS", default=None,
+        help="declare a PET radionuclide and its half-life in seconds for the RadionuclideHalfLife (0018,1075) "
+        "check, which knows the usual PET nuclides (F-18, Ga-68, C-11, Cu-64, Zr-89, ...: "
+        "nnunetv2_l1dfl.conversion.suv.PET_HALF_LIVES_S) and refuses a half-life that matches none; "
+        "repeatable; e.g. --nuclide Sc-44=14292",
+    )  # fmt: skip
+
+
 CONVERTERS = {
     # subcommand: (module, one-line help)
     "dicom": (
@@ -196,7 +217,7 @@ def suv_entry(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        result = read_pet_suv(pets[0], case_id=str(args.pet_series_dir))
+        result = read_pet_suv(pets[0], case_id=str(args.pet_series_dir), extra_half_lives=dict(args.nuclide or ()))
     except SUVError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -361,6 +382,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     suv.add_argument(
         "--mask", type=Path, default=None, help="print the statistics inside this mask (on the PET grid)"
     )
+    add_nuclide_argument(suv)
     suv.set_defaults(func=suv_entry)
 
     splits = subparsers.add_parser(

@@ -22,8 +22,8 @@ The steps (``read_pet_suv``), each recorded in ``SUVResult.branch``:
 7. Half-life from RadionuclideHalfLife (0018,1075), checked against the nuclide: the one named by
    RadionuclideCodeSequence (0054,0300) (code value or meaning) or Radionuclide (0018,0030) must
    have that half-life within 2 %; with no nuclide named, the value must be within 2 % of some PET
-   nuclide's (:data:`PET_HALF_LIVES_S`). Minutes typed for seconds (109.77 for F-18) would
-   otherwise give SUVs of 1e10 without complaint.
+   nuclide's (:data:`PET_HALF_LIVES_S`, extended per call by ``extra_half_lives`` / ``--nuclide``).
+   Minutes typed for seconds (109.77 for F-18) would otherwise give SUVs of 1e10 without complaint.
 
 CM2ML (SUVbsa, cm2/ml) is an error rather than a conversion: SUVbw = SUVbsa * weight / BSA needs
 the body-surface-area formula the scanner used (Du Bois, Mosteller, Haycock...), which the header does
@@ -40,7 +40,7 @@ import logging
 import math
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -318,11 +318,17 @@ def _case_name(series: DicomSeries | Sequence[Path] | Path, files: list[Path], c
     return f"PET series in {files[0].parent}" if files else "PET series"
 
 
-def read_pet_suv(series: DicomSeries | Sequence[Path] | Path, case_id: str = "") -> SUVResult:
+def read_pet_suv(
+    series: DicomSeries | Sequence[Path] | Path,
+    case_id: str = "",
+    extra_half_lives: Mapping[str, float] | None = None,
+) -> SUVResult:
     """Read a PET series and convert it to SUVbw (see the module docstring for the decision tree).
 
     series: a discovered ``DicomSeries``, its files, or a folder holding only that series' slices.
-    case_id: named in errors and logs. Returns the float32 SUV image on the PET grid, the branch taken
+    case_id: named in errors and logs. extra_half_lives: nuclide name -> half-life (s) added to
+    :data:`PET_HALF_LIVES_S` for the half-life check, for a tracer labelled with a nuclide the table
+    lacks (``--nuclide Sc-44=14292``); a name already there replaces its value. Returns the float32 SUV image on the PET grid, the branch taken
     and the values used. Raises ``SUVError`` naming the case and the DICOM attribute and tag when a
     value the branch needs is missing, unreadable or differs between slices, or when the series is
     not one regular volume.
@@ -409,7 +415,8 @@ def read_pet_suv(series: DicomSeries | Sequence[Path] | Path, case_id: str = "")
 
     # From here on the activity is in Bq/ml.
     fixes: list[str] = []
-    weight_kg, dose_bq, half_life_s = _weight_dose_half_life(header, details, fixes)
+    half_lives = {**PET_HALF_LIVES_S, **check_half_lives(extra_half_lives or {})}
+    weight_kg, dose_bq, half_life_s = _weight_dose_half_life(header, details, fixes, half_lives)
     decay_correction = details["decay_correction"]
     decay_constant = math.log(2.0) / half_life_s
     if decay_correction == "ADMIN":
@@ -499,7 +506,9 @@ def _per_slice_private(header: _Header, group: int, element: int, name: str) -> 
     return np.asarray(values, dtype=np.float64)
 
 
-def _weight_dose_half_life(header: _Header, details: dict, fixes: list[str]) -> tuple[float, float, float]:
+def _weight_dose_half_life(
+    header: _Header, details: dict, fixes: list[str], half_lives: Mapping[str, float]
+) -> tuple[float, float, float]:
     weight = header.number("PatientWeight")
     if weight is None or weight <= 0:
         raise header.error(f"PatientWeight (0010,1030) is {weight!r}; SUVbw needs the body weight")
@@ -519,9 +528,35 @@ def _weight_dose_half_life(header: _Header, details: dict, fixes: list[str]) -> 
     half_life = header.number("RadionuclideHalfLife")
     if half_life is None or half_life <= 0:
         raise header.error(f"RadionuclideHalfLife (0018,1075) is {half_life!r}")
-    details["nuclide"] = _check_half_life(header, half_life)
+    details["nuclide"] = _check_half_life(header, half_life, half_lives)
     details.update(weight_kg=weight, injected_dose_bq=dose, half_life_s=half_life)
     return weight, dose, half_life
+
+
+def check_half_lives(half_lives: Mapping[str, float]) -> dict[str, float]:
+    """Validated extra half-lives: non-empty names, finite positive seconds; ValueError otherwise."""
+    checked = {}
+    for name, seconds in half_lives.items():
+        name = str(name).strip()
+        if not name:
+            raise ValueError(f"nuclide name must not be empty (half-life {seconds!r})")
+        try:
+            value = float(seconds)
+        except (TypeError, ValueError):
+            raise ValueError(f"half-life of {name} must be a number of seconds, got {seconds!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"half-life of {name} must be a positive number of seconds, got {seconds!r}")
+        checked[name] = value
+    return checked
+
+
+def parse_nuclide_option(text: str) -> tuple[str, float]:
+    """``"Sc-44=14292"`` -> ``("Sc-44", 14292.0)`` (the ``--nuclide NAME=SECONDS`` option)."""
+    name, sep, seconds = text.partition("=")
+    if not sep:
+        raise ValueError(f"expected NAME=SECONDS, e.g. Sc-44=14292, got {text!r}")
+    ((name, value),) = check_half_lives({name: seconds.strip()}).items()
+    return name, value
 
 
 def _nuclide_from_text(text: str) -> str | None:
@@ -570,13 +605,13 @@ def _unit_hint(half_life_s: float, candidates: dict[str, float]) -> str:
     return "; the tag must hold seconds"
 
 
-def _check_half_life(header: _Header, half_life_s: float) -> str:
+def _check_half_life(header: _Header, half_life_s: float, half_lives: Mapping[str, float]) -> str:
     """The nuclide the half-life belongs to; ``SUVError`` when it contradicts the named nuclide or
     matches none (a unit slip in (0018,1075) scales every SUV by 2**(t/T) silently otherwise)."""
     identified = _identify_nuclide(header)
     if identified is not None:
         nuclide, where = identified
-        known = PET_HALF_LIVES_S[nuclide]
+        known = half_lives[nuclide]
         if abs(half_life_s / known - 1.0) <= HALF_LIFE_REL_TOL:
             return nuclide
         raise header.error(
@@ -584,14 +619,15 @@ def _check_half_life(header: _Header, half_life_s: float) -> str:
             f"half-life is {known:g} s (more than {100 * HALF_LIFE_REL_TOL:g} % apart)"
             f"{_unit_hint(half_life_s, {nuclide: known})}"
         )
-    closest = min(PET_HALF_LIVES_S, key=lambda n: abs(half_life_s / PET_HALF_LIVES_S[n] - 1.0))
-    if abs(half_life_s / PET_HALF_LIVES_S[closest] - 1.0) <= HALF_LIFE_REL_TOL:
+    closest = min(half_lives, key=lambda n: abs(half_life_s / half_lives[n] - 1.0))
+    if abs(half_life_s / half_lives[closest] - 1.0) <= HALF_LIFE_REL_TOL:
         return closest
-    listed = ", ".join(f"{n} {t:.8g} s" for n, t in PET_HALF_LIVES_S.items())
+    listed = ", ".join(f"{n} {t:.8g} s" for n, t in half_lives.items())
     raise header.error(
         f"RadionuclideHalfLife (0018,1075) is {half_life_s:g} s, which matches no known PET radionuclide "
         f"within {100 * HALF_LIFE_REL_TOL:g} % and neither RadionuclideCodeSequence (0054,0300) nor "
-        f"Radionuclide (0018,0030) names one{_unit_hint(half_life_s, PET_HALF_LIVES_S)}; known: {listed}"
+        f"Radionuclide (0018,0030) names one{_unit_hint(half_life_s, half_lives)}; known: {listed}. A tracer "
+        "labelled with another nuclide: declare it, e.g. --nuclide Sc-44=14292 (seconds)"
     )
 
 
