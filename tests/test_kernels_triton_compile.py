@@ -32,6 +32,18 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict, arch: int):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": cuda.NUM_WARPS})
 
 
+def compile_pair(forward_kernel, backward_kernel, types: dict[str, str], common: dict, arch: int):
+    """Compile a forward kernel (with its histogram width KP) and its backward; both must give
+    machine code for ``sm_{arch}``. Returns the two compiled kernels."""
+    padded_bins = triton.next_power_of_2(common["N_PER_UNIT"] + 1)
+    forward = compile_kernel(forward_kernel, types, {**common, "KP": padded_bins}, arch)
+    backward = compile_kernel(backward_kernel, types, common, arch)
+    for compiled in (forward, backward):
+        assert compiled.asm.get("cubin"), "no machine code"
+        assert f".target sm_{arch}" in compiled.asm["ptx"]
+    return forward, backward
+
+
 def launch_types(logits: str, target: str) -> dict[str, str]:
     """Argument types as ``cuda.forward`` / ``cuda.backward`` pass them (statistics in float32, or
     float64 for float64 logits; the gradient in the logits' dtype)."""
@@ -67,12 +79,7 @@ def test_softmax_kernels_compile(arch, logits, target, classes, n, ignore, gamma
     types = launch_types(logits, target)
     common = {"C": classes, "N_PER_UNIT": n, "HAS_IGNORE": ignore, "GAMMA_INT": cuda._gamma_int(gamma),
               "IS_FP64": logits == "fp64", "BLOCK": cuda.BLOCK}
-    forward = compile_kernel(cuda._softmax_forward_kernel, types,
-                             {**common, "KP": triton.next_power_of_2(n + 1)}, arch)
-    backward = compile_kernel(cuda._softmax_backward_kernel, types, common, arch)
-    for compiled in (forward, backward):
-        assert compiled.asm.get("cubin"), "no machine code"
-        assert f".target sm_{arch}" in compiled.asm["ptx"]
+    _, backward = compile_pair(cuda._softmax_forward_kernel, cuda._softmax_backward_kernel, types, common, arch)
     # the backward writes the gradient, and nothing else, in the logits' dtype
     width = {"fp16": "b16", "bf16": "b16", "fp32": "b32", "fp64": "b64"}[logits]
     stores = re.findall(r"st\.global[.\w]*", backward.asm["ptx"])
@@ -85,9 +92,4 @@ def test_region_kernels_compile(arch, logits, target, regions, n, ignore, gamma)
     types = launch_types(logits, target)
     common = {"R": regions, "T_CHANNELS": regions + int(ignore), "N_PER_UNIT": n, "HAS_IGNORE": ignore,
               "GAMMA_INT": cuda._gamma_int(gamma), "IS_FP64": logits == "fp64", "BLOCK": cuda.BLOCK}
-    forward = compile_kernel(cuda._sigmoid_forward_kernel, types,
-                             {**common, "KP": triton.next_power_of_2(n + 1)}, arch)
-    backward = compile_kernel(cuda._sigmoid_backward_kernel, types, common, arch)
-    for compiled in (forward, backward):
-        assert compiled.asm.get("cubin"), "no machine code"
-        assert f".target sm_{arch}" in compiled.asm["ptx"]
+    compile_pair(cuda._sigmoid_forward_kernel, cuda._sigmoid_backward_kernel, types, common, arch)
