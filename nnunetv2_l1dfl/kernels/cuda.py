@@ -223,6 +223,24 @@ def _load_region_target(t_ptr, offs, mask, dtype):
 
 
 @triton.jit
+def _region_block_prologue(
+    t_ptr, pid, V,
+    R: tl.constexpr, T_CHANNELS: tl.constexpr, HAS_IGNORE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Shared start of the region kernels for block ``pid`` of sample ``program_id(1)``: the sample
+    index (int64), the voxel offsets, the in-range mask and the valid mask (in range and not marked
+    by the ignore channel, the target's channel R, when there is one)."""
+    b64 = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < V
+    valid = in_range
+    if HAS_IGNORE:
+        ignored = tl.load(t_ptr + (b64 * T_CHANNELS + R) * V + offs, mask=in_range, other=0)
+        valid = valid & (ignored == 0)
+    return b64, offs, in_range, valid
+
+
+@triton.jit
 def _sigmoid_forward_kernel(
     x_ptr, t_ptr, counts_ptr, inter_ptr, union_ptr, focal_ptr,
     V, gamma,
@@ -231,15 +249,8 @@ def _sigmoid_forward_kernel(
 ):  # fmt: skip
     """Region statistics of one block: x (B, R, V), t (B, R[+1], V) with the ignore mask last."""
     pid = tl.program_id(0)
-    b = tl.program_id(1)
     num_programs = tl.num_programs(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < V
-    b64 = b.to(tl.int64)
-    valid = in_range
-    if HAS_IGNORE:
-        ignored = tl.load(t_ptr + (b64 * T_CHANNELS + R) * V + offs, mask=in_range, other=0)
-        valid = valid & (ignored == 0)
+    b64, offs, in_range, valid = _region_block_prologue(t_ptr, pid, V, R, T_CHANNELS, HAS_IGNORE, BLOCK)
     bins = tl.arange(0, KP)
     counts = tl.zeros((KP,), tl.int32)
     focal = tl.zeros((BLOCK,), tl.float32)
@@ -271,14 +282,7 @@ def _sigmoid_backward_kernel(
 ):  # fmt: skip
     """grad (B, R, V) = (g_I y + 2 g_U p) p (1 - p) + g_F s (1 - p_t) A; zero where ignored."""
     pid = tl.program_id(0)
-    b = tl.program_id(1)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < V
-    b64 = b.to(tl.int64)
-    valid = in_range
-    if HAS_IGNORE:
-        ignored = tl.load(t_ptr + (b64 * T_CHANNELS + R) * V + offs, mask=in_range, other=0)
-        valid = valid & (ignored == 0)
+    b64, offs, in_range, valid = _region_block_prologue(t_ptr, pid, V, R, T_CHANNELS, HAS_IGNORE, BLOCK)
     num_bins = N_PER_UNIT + 1
     for r in tl.static_range(R):
         xv = _load_compute(x_ptr + (b64 * R + r) * V, offs, in_range, IS_FP64)
