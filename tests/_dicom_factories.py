@@ -533,3 +533,16 @@ def write_seg(
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path)
     return path
+
+
+def strip_file_format(path: Path, implicit_vr: bool = True) -> Path:
+    """Rewrite ``path`` as a raw data set: no 128-byte preamble, no 'DICM', no file meta.
+
+    That is how some vendor PET exports and pydicom's ``rtstruct.dcm`` are stored; readers must
+    recognise them without the marker. Implicit VR little endian by default.
+    """
+    ds = pydicom.dcmread(path)
+    ds.preamble = None
+    ds.file_meta = FileMetaDataset()
+    pydicom.dcmwrite(path, ds, implicit_vr=implicit_vr, little_endian=True, enforce_file_format=False)
+    return path

@@ -6,9 +6,9 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from _dicom_factories import write_ct_series, write_pet_series, write_rtstruct, write_seg
+from _dicom_factories import strip_file_format, write_ct_series, write_pet_series, write_rtstruct, write_seg
 
-from nnunetv2_l1dfl.conversion.dicom_series import DicomSeriesError, discover_series, read_ct_hu
+from nnunetv2_l1dfl.conversion.dicom_series import DicomSeriesError, discover_series, read_ct_hu, read_dicom
 
 ROTATED = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0)  # rows run along +y, columns along -x
 
@@ -135,3 +135,28 @@ def test_rescale_slope_zero_or_non_finite_is_refused_absent_or_empty_is_one(tmp_
         ds.save_as(files[1])
         with pytest.raises(DicomSeriesError, match=r"ct_001\.dcm: RescaleSlope \(0028,1053\) is "):
             read_ct_hu(files)
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_files_without_preamble_or_file_meta_are_discovered_and_read(tmp_path, implicit_vr):
+    """A raw data set (no 128-byte preamble, no 'DICM', no file meta) is still DICOM: read it."""
+    hu = np.arange(3 * 5 * 4, dtype=np.float64).reshape(3, 5, 4) * 3 - 100
+    files = write_ct_series(tmp_path / "ct", hu)
+    for path in files[1:]:
+        strip_file_format(path, implicit_vr=implicit_vr)
+        assert path.read_bytes()[128:132] != b"DICM"
+    (tmp_path / "ct" / "looks_like_tag.bin").write_bytes(b"\x08\x00\x05\x00" + b"\xff" * 60)
+    series, skipped = discover_series(tmp_path)
+    assert [(s.modality, len(s.files)) for s in series] == [("CT", 3)]
+    assert [(p.name, r.split(":")[0]) for p, r in skipped] == [("looks_like_tag.bin", "not readable as DICOM")]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_ct_hu(series[0])), hu.astype(np.float32))
+    ds = read_dicom(files[2], stop_before_pixels=True)
+    assert ds.Modality == "CT" and "PixelData" not in ds
+
+
+def test_read_dicom_refuses_non_dicom_naming_the_file(tmp_path):
+    for name, data in (("text.dcm", b"hello, not DICOM at all" * 10), ("short.dcm", b"\x08\x00"),
+                       ("zeros.dcm", b"\x00" * 300)):  # fmt: skip
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DicomSeriesError, match=rf"{name}: not readable as DICOM"):
+            read_dicom(tmp_path / name)

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,84 @@ DEFER_BYTES = 1024  # values longer than this (pixel data) are not read during d
 
 class DicomSeriesError(ValueError):
     """A series that cannot be read as one volume; the message names the file and the attribute."""
+
+
+# Value representations of explicit-VR encodings (PS3.5 6.2), for sniffing files without a preamble.
+_VALUE_REPRESENTATIONS = frozenset(
+    "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+
+
+def _raw_dataset_problem(path: Path) -> str:
+    """'' when a file without the 128-byte preamble and 'DICM' starts like a DICOM data set.
+
+    Files written without the DICOM file format (no preamble, no file meta: some Philips PET
+    exports, pydicom's own ``rtstruct.dcm``) begin directly with the first data element, which in
+    a little-endian data set is a tag of group 0002 (file meta) or 0008 (SOP Common, always
+    present: SOPClassUID (0008,0016)) followed by an explicit VR or an implicit 4-byte length that
+    fits in the file. Anything else is not DICOM (or big-endian without meta, not supported).
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        return f"not readable as DICOM: {len(head)} bytes"
+    group, element = struct.unpack("<HH", head[:4])
+    if group not in (0x0002, 0x0008) or element > 0x0100:
+        return (
+            f"not readable as DICOM: no 'DICM' marker at byte 128 and the first tag ({group:04X},{element:04X}) "
+            "is not a group 0002/0008 data element"
+        )
+    vr = head[4:6].decode("ascii", errors="replace")
+    if vr not in _VALUE_REPRESENTATIONS and struct.unpack("<I", head[4:8])[0] > path.stat().st_size:
+        return (
+            f"not readable as DICOM: no 'DICM' marker at byte 128 and the first element "
+            f"({group:04X},{element:04X}) has neither a VR nor a length that fits in the file"
+        )
+    return ""
+
+
+def read_dicom(path: Path | str, stop_before_pixels: bool = False, **dcmread_kwargs: Any) -> pydicom.Dataset:
+    """Read one DICOM file, with or without the 128-byte preamble and file meta information.
+
+    Files in the DICOM file format are read as usual. Files that lack the preamble and 'DICM'
+    (raw data sets, e.g. some vendor PET exports and RTSTRUCTs written by older tools) are read with
+    ``force=True`` only after a sniff that the first bytes are a plausible first data element, and
+    only if the result has a SOPClassUID (0008,0016) or Modality (0008,0060); the transfer syntax
+    pydicom detected (implicit/explicit VR little endian) is then recorded in the file meta so the
+    pixel data can be decoded. ``dcmread_kwargs`` go to ``pydicom.dcmread`` (``defer_size``,
+    ``specific_tags``). Raises ``DicomSeriesError`` naming the file when it is not DICOM.
+    """
+    import pydicom
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        f.seek(128)
+        has_marker = f.read(4) == b"DICM"
+    if has_marker:
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, **dcmread_kwargs)
+        except Exception as e:  # pydicom raises many types on corrupt input
+            raise DicomSeriesError(f"{path}: not readable as DICOM: {type(e).__name__}: {e}") from e
+    problem = _raw_dataset_problem(path)
+    if problem:
+        raise DicomSeriesError(f"{path}: {problem}")
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True, **dcmread_kwargs)
+    except Exception as e:
+        raise DicomSeriesError(f"{path}: not readable as DICOM (no preamble): {type(e).__name__}: {e}") from e
+    if len(ds) == 0 or ("SOPClassUID" not in ds and "Modality" not in ds and not dcmread_kwargs.get("specific_tags")):
+        raise DicomSeriesError(
+            f"{path}: not readable as DICOM: no preamble, and no SOPClassUID (0008,0016) or Modality (0008,0060) in the data"
+        )
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+    return ds
 
 
 @dataclass(frozen=True)
@@ -122,7 +200,6 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
     SeriesInstanceUID (0020,000E) (e.g. DICOMDIR), or a second copy of an SOPInstanceUID already
     seen in the series (the first path in sorted order is kept).
     """
-    import pydicom
     from tqdm import tqdm
 
     root = Path(root)
@@ -139,9 +216,12 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
             warnings.simplefilter("always")
             try:
                 # Pixel data is deferred (not read), but its element header is, to catch truncated files.
-                ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
+                ds = read_dicom(path, defer_size=DEFER_BYTES)
                 problem = _truncation_problem(ds, path)
                 uid = _text(ds, "SeriesInstanceUID")
+            except DicomSeriesError as e:
+                skipped.append((path, str(e).removeprefix(f"{path}: ")))
+                continue
             except Exception as e:  # pydicom raises many types on corrupt input; each is a skip reason
                 skipped.append((path, f"not readable as DICOM: {type(e).__name__}: {e}"))
                 continue
@@ -264,13 +344,11 @@ def load_slice_stack(files: Sequence[Path], what: str = "series") -> SliceStack:
     missing slice is an error rather than a stretched volume). Multi-frame (enhanced) objects are
     not supported. ``what`` names the series in messages (e.g. the case ID).
     """
-    import pydicom
-
     if not files:
         raise DicomSeriesError(f"{what}: no files")
     datasets, paths = [], []
     for path in files:
-        ds = pydicom.dcmread(path)
+        ds = read_dicom(path)
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise DicomSeriesError(
                 f"{path}: multi-frame image (NumberOfFrames (0028,0008) = {ds.NumberOfFrames}); "
