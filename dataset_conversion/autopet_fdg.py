@@ -21,20 +21,12 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from nnunetv2_l1dfl.conversion.dataset import (
-    CaseJob,
-    CaseKey,
-    ConversionError,
-    ConversionSummary,
-    DatasetSpec,
-    LoadedCase,
-    assign_case_ids,
-    convert_cases,
-    normalize_study_date,
-    read_image,
-    resolve_raw_dir,
-    snap_to_grid,
-)
+from nnunetv2_l1dfl.conversion.case_ids import CaseKey, assign_case_ids, normalize_study_date
+from nnunetv2_l1dfl.conversion.dataset_folder import DatasetSpec, LoadedCase, resolve_raw_dir
+from nnunetv2_l1dfl.conversion.errors import ConversionError
+from nnunetv2_l1dfl.conversion.geometry import snap_to_grid
+from nnunetv2_l1dfl.conversion.image_io import read_image
+from nnunetv2_l1dfl.conversion.runner import CaseJob, ConversionSummary, convert_cases
 
 logger = logging.getLogger(__name__)
 

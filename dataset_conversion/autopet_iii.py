@@ -21,18 +21,10 @@ import sys
 from pathlib import Path
 
 from dataset_conversion.autopet_fdg import copy_source_metadata, load_on_pet_grid, read_source_metadata
-from nnunetv2_l1dfl.conversion.dataset import (
-    FILE_ENDING,
-    CaseJob,
-    CaseKey,
-    ConversionError,
-    ConversionSummary,
-    DatasetSpec,
-    assign_case_ids,
-    convert_cases,
-    normalize_study_date,
-    resolve_raw_dir,
-)
+from nnunetv2_l1dfl.conversion.case_ids import CaseKey, assign_case_ids, normalize_study_date
+from nnunetv2_l1dfl.conversion.dataset_folder import FILE_ENDING, DatasetSpec, resolve_raw_dir
+from nnunetv2_l1dfl.conversion.errors import ConversionError
+from nnunetv2_l1dfl.conversion.runner import CaseJob, ConversionSummary, convert_cases
 
 logger = logging.getLogger(__name__)
 

@@ -31,21 +31,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnunetv2_l1dfl.conversion.dataset import (
-    DEFAULT_LABELS,
-    CaseJob,
-    CaseKey,
-    ConversionError,
-    ConversionSummary,
-    DatasetSpec,
-    LoadedCase,
-    PseudonymKey,
-    assign_case_ids,
-    convert_cases,
-    place_on_pet_grid,
-    read_image,
-    resolve_raw_dir,
-)
+from nnunetv2_l1dfl.conversion.case_ids import CaseKey, PseudonymKey, assign_case_ids
+from nnunetv2_l1dfl.conversion.dataset_folder import DEFAULT_LABELS, DatasetSpec, LoadedCase, resolve_raw_dir
+from nnunetv2_l1dfl.conversion.errors import ConversionError
+from nnunetv2_l1dfl.conversion.image_io import read_image
+from nnunetv2_l1dfl.conversion.resample import place_on_pet_grid
+from nnunetv2_l1dfl.conversion.runner import CaseJob, ConversionSummary, convert_cases
 
 if TYPE_CHECKING:
     import SimpleITK as sitk

@@ -18,19 +18,12 @@ import logging
 import sys
 from pathlib import Path
 
-from nnunetv2_l1dfl.conversion.dataset import (
-    CaseJob,
-    CaseKey,
-    ConversionError,
-    ConversionSummary,
-    DatasetSpec,
-    LoadedCase,
-    assign_case_ids,
-    convert_cases,
-    place_on_pet_grid,
-    read_image,
-    resolve_raw_dir,
-)
+from nnunetv2_l1dfl.conversion.case_ids import CaseKey, assign_case_ids
+from nnunetv2_l1dfl.conversion.dataset_folder import DatasetSpec, LoadedCase, resolve_raw_dir
+from nnunetv2_l1dfl.conversion.errors import ConversionError
+from nnunetv2_l1dfl.conversion.image_io import read_image
+from nnunetv2_l1dfl.conversion.resample import place_on_pet_grid
+from nnunetv2_l1dfl.conversion.runner import CaseJob, ConversionSummary, convert_cases
 
 logger = logging.getLogger(__name__)
 

@@ -27,21 +27,12 @@ import re
 import sys
 from pathlib import Path
 
-from nnunetv2_l1dfl.conversion.dataset import (
-    CaseJob,
-    CaseKey,
-    ConversionError,
-    ConversionSummary,
-    DatasetSpec,
-    LoadedCase,
-    PseudonymKey,
-    assign_case_ids,
-    convert_cases,
-    normalize_study_date,
-    place_on_pet_grid,
-    read_image,
-    resolve_raw_dir,
-)
+from nnunetv2_l1dfl.conversion.case_ids import CaseKey, PseudonymKey, assign_case_ids, normalize_study_date
+from nnunetv2_l1dfl.conversion.dataset_folder import DatasetSpec, LoadedCase, resolve_raw_dir
+from nnunetv2_l1dfl.conversion.errors import ConversionError
+from nnunetv2_l1dfl.conversion.image_io import read_image
+from nnunetv2_l1dfl.conversion.resample import place_on_pet_grid
+from nnunetv2_l1dfl.conversion.runner import CaseJob, ConversionSummary, convert_cases
 
 logger = logging.getLogger(__name__)
 

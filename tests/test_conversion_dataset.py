@@ -14,21 +14,23 @@ import SimpleITK as sitk
 
 from nnunetv2_l1dfl.cli import main
 from nnunetv2_l1dfl.conversion import cli as conversion_cli
-from nnunetv2_l1dfl.conversion.dataset import (
-    PET_NORMALIZATIONS,
+from nnunetv2_l1dfl.conversion.case_ids import (
     CaseKey,
-    ConversionError,
-    DatasetSpec,
-    LoadedCase,
     PseudonymKey,
     assign_case_ids,
-    is_case_finished,
-    make_patient_splits,
     normalize_study_date,
-    prepare_dataset_dir,
     sanitize_id_part,
+)
+from nnunetv2_l1dfl.conversion.dataset_folder import (
+    PET_NORMALIZATIONS,
+    DatasetSpec,
+    LoadedCase,
+    is_case_finished,
+    prepare_dataset_dir,
     write_case,
 )
+from nnunetv2_l1dfl.conversion.errors import ConversionError
+from nnunetv2_l1dfl.conversion.splits import make_patient_splits
 
 
 def test_cli_pet_norm_choices_match_the_writer():
@@ -212,7 +214,7 @@ def test_suv_command_on_ibsi_dro(ibsi_dro_dir, tmp_path, capsys, dro):
 
 
 def test_place_on_pet_grid_warns_when_lesions_merge():
-    from nnunetv2_l1dfl.conversion.dataset import place_on_pet_grid
+    from nnunetv2_l1dfl.conversion.resample import place_on_pet_grid
 
     pet = sitk.Image([4, 3, 3], sitk.sitkFloat32)
     pet.SetSpacing((4.0, 4.0, 4.0))

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nnunetv2_l1dfl.conversion.dataset import ConversionSummary, DatasetSpec
+    from nnunetv2_l1dfl.conversion.dataset_folder import DatasetSpec
+    from nnunetv2_l1dfl.conversion.runner import ConversionSummary
 
 logger = logging.getLogger(__name__)
 
-# Kept in step with nnunetv2_l1dfl.conversion.dataset (not imported here to keep --help fast;
+# Kept in step with nnunetv2_l1dfl.conversion.dataset_folder (not imported here to keep --help fast;
 # tests/test_conversion_dataset.py checks they agree).
 PET_NORM_CHOICES = ("CT", "noNorm", "zscore", "rescale_to_0_1")
 DEFAULT_PET_NORM = "CT"
@@ -127,7 +128,7 @@ def add_pseudonymize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pseudonym_key_path(args: argparse.Namespace, spec: DatasetSpec) -> Path:
     """Where the pseudonym key goes; refuses a path inside the dataset folder."""
-    from nnunetv2_l1dfl.conversion.dataset import ConversionError
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
 
     path = (
         (args.pseudonym_key or spec.raw_dir / f"pseudonym_key_{spec.folder_name}.csv").expanduser().resolve()
@@ -140,7 +141,7 @@ def pseudonym_key_path(args: argparse.Namespace, spec: DatasetSpec) -> Path:
 
 
 def spec_from_args(args: argparse.Namespace, **kwargs) -> DatasetSpec:
-    from nnunetv2_l1dfl.conversion.dataset import DatasetSpec, resolve_raw_dir
+    from nnunetv2_l1dfl.conversion.dataset_folder import DatasetSpec, resolve_raw_dir
 
     return DatasetSpec(
         raw_dir=resolve_raw_dir(args.raw_dir),
@@ -153,7 +154,8 @@ def spec_from_args(args: argparse.Namespace, **kwargs) -> DatasetSpec:
 
 def report(summary: ConversionSummary, spec: DatasetSpec, args: argparse.Namespace) -> int:
     """Print failures, write or suggest the splits, print the one-line summary; the exit code."""
-    from nnunetv2_l1dfl.conversion.dataset import ConversionError, splits_for_dataset, write_splits
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
+    from nnunetv2_l1dfl.conversion.splits import splits_for_dataset, write_splits
 
     exit_code = 0
     for case_id, reason in sorted(summary.failed.items()):
@@ -179,7 +181,7 @@ def report(summary: ConversionSummary, spec: DatasetSpec, args: argparse.Namespa
 
 
 def _run_converter(args: argparse.Namespace) -> int:
-    from nnunetv2_l1dfl.conversion.dataset import ConversionError
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
 
     try:
         return import_module(args.converter_module).run(args)
@@ -230,7 +232,7 @@ def suv_entry(args: argparse.Namespace) -> int:
     where = "image"
     if args.mask:
         mask = sitk.ReadImage(str(args.mask))
-        from nnunetv2_l1dfl.conversion.dataset import geometry_mismatch
+        from nnunetv2_l1dfl.conversion.geometry import geometry_mismatch
 
         problem = geometry_mismatch(mask, result.image, atol=1e-3)
         if problem:
@@ -253,12 +255,9 @@ def suv_entry(args: argparse.Namespace) -> int:
 
 def splits_entry(args: argparse.Namespace) -> int:
     """``l1dfl splits``: patient-grouped folds of a converted dataset into nnUNet_preprocessed."""
-    from nnunetv2_l1dfl.conversion.dataset import (
-        ConversionError,
-        resolve_raw_dir,
-        splits_for_dataset,
-        write_splits,
-    )
+    from nnunetv2_l1dfl.conversion.dataset_folder import resolve_raw_dir
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
+    from nnunetv2_l1dfl.conversion.splits import splits_for_dataset, write_splits
 
     try:
         raw_dir = resolve_raw_dir(args.raw_dir)
@@ -280,7 +279,7 @@ def splits_entry(args: argparse.Namespace) -> int:
 def detect_autopet_release(input_dir: Path) -> str:
     """``"iii"`` for the nnU-Net-like autoPET III/IV release (imagesTr + labelsTr), ``"fdg"`` for the
     autoPET I/II TCIA layout (PETCT_*/<study>/SUV.nii.gz); a ConversionError otherwise."""
-    from nnunetv2_l1dfl.conversion.dataset import ConversionError
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
 
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
@@ -299,7 +298,7 @@ AUTOPET_MODULES = {"fdg": "dataset_conversion.autopet_fdg", "iii": "dataset_conv
 
 
 def _run_autopet(args: argparse.Namespace) -> int:
-    from nnunetv2_l1dfl.conversion.dataset import ConversionError
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
 
     try:
         release = detect_autopet_release(args.input_dir) if args.release == "auto" else args.release

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nnunetv2_l1dfl.conversion.geometry import geometry_mismatch, snap_to_grid
+
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
@@ -349,3 +351,50 @@ def resample_mask_to(mask: sitk.Image, reference: sitk.Image) -> tuple[sitk.Imag
     out = sitk.GetImageFromArray(out_array)
     out.CopyInformation(reference)
     return out, report
+
+
+# Below this fraction of the PET field of view covered by the CT, the case gets a warning.
+MIN_CT_COVERAGE = 0.98
+
+
+def place_on_pet_grid(
+    ct: sitk.Image, label: sitk.Image, pet: sitk.Image, case_id: str
+) -> tuple[sitk.Image, sitk.Image, list[str]]:
+    """CT and label on the PET grid, with the warnings the metadata table should carry.
+
+    CT: copied through when already on the PET grid (within 0.01 mm of rounding), else resampled
+    linearly with -1024 HU outside its field of view; a warning when it covers less than
+    :data:`MIN_CT_COVERAGE` of the PET. Label: resampled per label as a fraction map thresholded at
+    0.5 (:func:`~nnunetv2_l1dfl.conversion.resample.resample_mask_to`); warnings for lesions lost
+    or kept only as one voxel, and when lesions merged (fewer after than before, beyond those lost).
+    Returns (ct float32, label uint8, warnings).
+    """
+    warnings = []
+    if geometry_mismatch(ct, pet, atol=1e-2) is None:
+        ct_on_pet = snap_to_grid(ct, pet, "CT", case_id)
+    else:
+        coverage = ct_coverage_fraction(ct, pet)
+        if coverage < MIN_CT_COVERAGE:
+            warnings.append(
+                f"CT not covering PET: the CT covers {100 * coverage:.1f}% of the PET field of view "
+                "(filled with -1024 HU outside)"
+            )
+        ct_on_pet = resample_ct_to(ct, pet)
+    if geometry_mismatch(label, pet, atol=1e-2) is None:
+        label = snap_to_grid(label, pet, "label", case_id)
+    label_on_pet, report = resample_mask_to(label, pet)
+    if report.lost_lesions:
+        warnings.append(
+            f"lesion lost in resampling: {report.lost_lesions} of {report.lesions_before} lesions have no voxel on the PET grid"
+        )
+    if report.rescued_lesions:
+        warnings.append(
+            f"{report.rescued_lesions} lesion(s) smaller than a PET voxel kept as a single voxel on the PET grid"
+        )
+    if report.merged_lesions:
+        warnings.append(
+            f"lesions merged in resampling: {report.lesions_before} lesions before, {report.lesions_after} after "
+            f"on the PET grid ({report.merged_lesions} merged with a neighbour, {report.lost_lesions} lost)"
+        )
+    return ct_on_pet, label_on_pet, warnings
+

@@ -1,0 +1,497 @@
+"""The dataset folder of a two-channel PET/CT nnU-Net v2 raw dataset, and writing one case into it.
+
+- ``DatasetXXX_Name/imagesTr/<case>_0000.nii.gz`` CT in HU, ``<case>_0001.nii.gz`` PET in SUVbw
+  (both float32), ``labelsTr/<case>.nii.gz`` (uint8), ``dataset.json`` with the channel names
+  (PET normalization is a choice, see :data:`PET_NORMALIZATIONS`) and the physical modality of each
+  channel under ``"channel_modalities"``;
+- atomic, resumable writes: each case is written to a staging folder, its geometry read back and
+  checked, then renamed into place with the label last. A case counts as finished when its label
+  and its record exist and no in-progress marker is left; an interrupted case is rolled back on
+  the next run, so nnU-Net never sees a half-written case;
+- a per-case metadata table ``case_metadata.csv`` next to ``dataset.json`` (nnU-Net reads only
+  ``imagesTr``/``labelsTr``/``dataset.json``, so extra files in the dataset folder are ignored by
+  ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity``), with lesion count, TMTV and warnings.
+
+Book-keeping lives in ``DatasetXXX_Name/.l1dfl/`` (per-case records as JSON, in-progress markers,
+staging); nnU-Net never looks there. The run loop over many cases is :mod:`.runner`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from nnunetv2_l1dfl.conversion.case_ids import normalize_study_date
+from nnunetv2_l1dfl.conversion.errors import ConversionError
+from nnunetv2_l1dfl.conversion.geometry import GEOMETRY_ATOL, geometry_mismatch
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+logger = logging.getLogger(__name__)
+
+FILE_ENDING = ".nii.gz"
+CT_CHANNEL = 0  # order of the autoPET III/IV baselines and of the autoPET III winner
+PET_CHANNEL = 1
+DEFAULT_LABELS: dict[str, int] = {"background": 0, "lesion": 1}
+METADATA_FILE = "case_metadata.csv"
+BOOKKEEPING_DIR = ".l1dfl"
+
+# nnU-Net picks the normalization from the channel name (case-insensitive).
+PET_NORMALIZATIONS: dict[str, str] = {
+    "CT": (
+        "global: clip to the 0.5/99.5th percentiles of the SUV inside the labels over the whole "
+        "dataset, then subtract the global mean and divide by the global std. One affine map for "
+        "every case, so absolute SUV stays comparable between patients (the autoPET III winner's "
+        "choice)"
+    ),
+    "noNorm": "none: the network sees raw SUVbw, as in the L1DFL paper",
+    "zscore": (
+        "per image: subtract the image's mean SUV and divide by its std (nnU-Net's default for "
+        "non-CT channels); throws away absolute SUV, so a hot lesion in a cold patient and a "
+        "cold lesion in a hot one look alike"
+    ),
+    "rescale_to_0_1": (
+        "per image: min-max rescaling to [0, 1]; keeps SUV ratios within a case, but each case's "
+        "hottest voxel sets its scale, so absolute SUV is lost between patients"
+    ),
+}
+DEFAULT_PET_NORM = "CT"
+CHANNEL_MODALITIES = {
+    str(
+        CT_CHANNEL
+    ): "CT in Hounsfield units, resampled onto the PET grid (linear; -1024 HU outside the CT field of view)",
+    str(PET_CHANNEL): "PET in SUVbw (body-weight standardized uptake value, g/ml)",
+}
+
+# Whole-body PET with a maximum SUV outside this range almost always means a unit error in the
+# dose (MBq vs Bq) or the weight (g vs kg), or a PET that is not in SUV at all.
+PLAUSIBLE_SUV_MAX = (1.0, 150.0)
+
+METADATA_COLUMNS = (
+    "case_id",
+    "patient",
+    "study_date",
+    "tracer",
+    "scanner",
+    "suv_branch",
+    "spacing_mm",
+    "shape",
+    "n_lesions",
+    "tmtv_ml",
+    "suv_max",
+    "warnings",
+    "source",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset folder
+# ----------------------------------------------------------------------------------------------
+
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def resolve_raw_dir(raw_dir: str | Path | None) -> Path:
+    """``raw_dir`` if given, else ``$nnUNet_raw``; an error that names ``-o`` when neither is set."""
+    if raw_dir:
+        return Path(raw_dir).expanduser().resolve()
+    env = os.environ.get("nnUNet_raw")
+    if env:
+        return Path(env).expanduser().resolve()
+    raise ConversionError("no output folder: pass -o RAW_DIR or set the environment variable nnUNet_raw")
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    """``DatasetXXX_Name``; checks the ID (1-999) and that the name is a plain identifier."""
+    if not isinstance(dataset_id, int) or not 1 <= dataset_id <= 999:
+        raise ConversionError(f"dataset ID must be an integer from 1 to 999 (-d), got {dataset_id!r}")
+    if not _DATASET_NAME.match(name or ""):
+        raise ConversionError(
+            f"dataset name (-n) {name!r} must start with a letter or digit and contain only letters, "
+            "digits, '_' and '-'"
+        )
+    return f"Dataset{dataset_id:03d}_{name}"
+
+
+def _folders_with_id(dataset_id: int) -> list[Path]:
+    """Folders named DatasetXXX_* in nnU-Net's raw, preprocessed and results folders (those set)."""
+    found = []
+    for env in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        root = os.environ.get(env)
+        if root and Path(root).is_dir():
+            found += [
+                p
+                for p in Path(root).iterdir()
+                if p.is_dir() and p.name.startswith(f"Dataset{dataset_id:03d}_")
+            ]
+    return found
+
+
+def check_dataset_id_free(raw_dir: Path, dataset_id: int, name: str) -> None:
+    """Refuse a dataset ID that nnU-Net already knows under another name.
+
+    Looks in ``raw_dir`` and in ``$nnUNet_raw``/``$nnUNet_preprocessed``/``$nnUNet_results``, the
+    folders nnU-Net searches when it turns ``-d ID`` into a dataset name.
+    """
+    wanted = dataset_folder_name(dataset_id, name)
+    candidates = [p for p in raw_dir.iterdir() if p.is_dir()] if raw_dir.is_dir() else []
+    candidates = [p for p in candidates if p.name.startswith(f"Dataset{dataset_id:03d}_")] + _folders_with_id(
+        dataset_id
+    )
+    clashes = sorted({str(p) for p in candidates if p.name != wanted})
+    if clashes:
+        raise ConversionError(
+            f"dataset ID {dataset_id} is already used by {', '.join(clashes)}; refusing to create {wanted} "
+            "(nnU-Net needs one name per ID): pick another -d or remove the old dataset"
+        )
+
+
+@dataclass
+class DatasetSpec:
+    """Where a dataset goes and what its dataset.json says.
+
+    labels: nnU-Net's ``labels`` (name -> consecutive ints, background 0).
+    pet_norm: the PET channel name, one of :data:`PET_NORMALIZATIONS`.
+    extra_json: more keys for dataset.json (source, tracer, licence, ...).
+    """
+
+    raw_dir: Path
+    dataset_id: int
+    name: str
+    labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    pet_norm: str = DEFAULT_PET_NORM
+    description: str = ""
+    extra_json: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.raw_dir = Path(self.raw_dir)
+        if self.pet_norm not in PET_NORMALIZATIONS:
+            raise ConversionError(
+                f"--pet-norm must be one of {sorted(PET_NORMALIZATIONS)}, got {self.pet_norm!r}"
+            )
+        values = sorted(self.labels.values())
+        if values != list(range(len(values))) or self.labels.get("background") != 0:
+            raise ConversionError(
+                f"labels must map names to consecutive integers with background 0, got {self.labels}"
+            )
+
+    @property
+    def folder_name(self) -> str:
+        return dataset_folder_name(self.dataset_id, self.name)
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.raw_dir / self.folder_name
+
+
+def _images_path(dataset_dir: Path, case_id: str, channel: int) -> Path:
+    return dataset_dir / "imagesTr" / f"{case_id}_{channel:04d}{FILE_ENDING}"
+
+
+def _label_path(dataset_dir: Path, case_id: str) -> Path:
+    return dataset_dir / "labelsTr" / f"{case_id}{FILE_ENDING}"
+
+
+def _record_path(dataset_dir: Path, case_id: str) -> Path:
+    return dataset_dir / BOOKKEEPING_DIR / "cases" / f"{case_id}.json"
+
+
+def _marker_path(dataset_dir: Path, case_id: str) -> Path:
+    return dataset_dir / BOOKKEEPING_DIR / "in_progress" / case_id
+
+
+def _staging_dir(dataset_dir: Path) -> Path:
+    return dataset_dir / BOOKKEEPING_DIR / "staging"
+
+
+def _case_files(dataset_dir: Path, case_id: str) -> list[Path]:
+    return [
+        _images_path(dataset_dir, case_id, CT_CHANNEL),
+        _images_path(dataset_dir, case_id, PET_CHANNEL),
+        _label_path(dataset_dir, case_id),
+    ]
+
+
+def is_case_finished(dataset_dir: Path, case_id: str) -> bool:
+    """All three files and the record present, no in-progress marker left."""
+    return (
+        all(p.is_file() for p in _case_files(dataset_dir, case_id))
+        and _record_path(dataset_dir, case_id).is_file()
+        and not _marker_path(dataset_dir, case_id).exists()
+    )
+
+
+def prepare_dataset_dir(spec: DatasetSpec) -> Path:
+    """Create (or reopen) the dataset folder and roll back what an interrupted run left.
+
+    Refuses a dataset ID used under another name. Cases with an in-progress marker lose every file
+    the marker's run had moved into place; the staging folder is emptied. Files this package did
+    not write are never touched.
+    """
+    check_dataset_id_free(spec.raw_dir, spec.dataset_id, spec.name)
+    dataset_dir = spec.dataset_dir
+    for sub in ("imagesTr", "labelsTr", f"{BOOKKEEPING_DIR}/cases", f"{BOOKKEEPING_DIR}/in_progress"):
+        (dataset_dir / sub).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(_staging_dir(dataset_dir), ignore_errors=True)
+    for marker in sorted((dataset_dir / BOOKKEEPING_DIR / "in_progress").iterdir()):
+        case_id = marker.name
+        logger.warning("case %s was interrupted during writing: removing its partial files", case_id)
+        for path in [*_case_files(dataset_dir, case_id), _record_path(dataset_dir, case_id)]:
+            path.unlink(missing_ok=True)
+        marker.unlink()
+    return dataset_dir
+
+
+def finished_case_ids(dataset_dir: Path) -> list[str]:
+    """Case IDs in labelsTr with both image channels (whoever wrote them), sorted."""
+    labels = sorted(p.name[: -len(FILE_ENDING)] for p in (dataset_dir / "labelsTr").glob(f"*{FILE_ENDING}"))
+    return [
+        c
+        for c in labels
+        if all(_images_path(dataset_dir, c, ch).is_file() for ch in (CT_CHANNEL, PET_CHANNEL))
+    ]
+
+
+def lesion_statistics(label: np.ndarray, spacing_mm: Sequence[float]) -> tuple[int, float]:
+    """(number of lesions, total lesion volume in ml) of a label map (any value > 0 is lesion).
+
+    Lesions are 18-connected components of the foreground, as in the autoPET evaluation and in
+    :mod:`nnunetv2_l1dfl.conversion.resample`; ``spacing_mm`` in any axis order (only its product
+    is used).
+    """
+    import cc3d
+
+    from nnunetv2_l1dfl.conversion.resample import LESION_CONNECTIVITY
+
+    foreground = np.ascontiguousarray(label > 0)
+    n_lesions = (
+        int(cc3d.connected_components(foreground, connectivity=LESION_CONNECTIVITY, return_N=True)[1])
+        if foreground.any()
+        else 0
+    )
+    tmtv_ml = float(foreground.sum()) * float(np.prod(spacing_mm)) / 1000.0
+    return n_lesions, tmtv_ml
+
+
+
+def suv_warnings(suv_max: float) -> list[str]:
+    low, high = PLAUSIBLE_SUV_MAX
+    if not low <= suv_max <= high:
+        return [
+            f"SUV out of plausible range: max SUV {suv_max:.3g} outside [{low:g}, {high:g}] "
+            "(check dose and weight units, and that the PET is in SUV)"
+        ]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------
+# One case
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedCase:
+    """A case ready to write: three images on one grid plus what the metadata table needs.
+
+    ct: CT in HU on the PET grid; pet: SUVbw; label: integer label map on the PET grid (values from
+    the dataset's ``labels``). metadata: ``patient``, ``study_date``, ``tracer``, ``scanner``,
+    ``suv_branch``, ``source`` (missing keys are left blank). warnings: what the loader noticed
+    (lesion lost in resampling, CT not covering the PET, ...).
+    """
+
+    ct: sitk.Image
+    pet: sitk.Image
+    label: sitk.Image
+    metadata: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_geometry(path: Path) -> sitk.ImageFileReader:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
+def check_written_geometry(paths: Sequence[Path], case_id: str) -> None:
+    """Read the headers of a case's files back and require one geometry for all of them.
+
+    nnU-Net errors on shape or spacing mismatches but only warns about origin and direction, so
+    this is the check that catches a label shifted against its images.
+    """
+    readers = [_read_geometry(p) for p in paths]
+    ref = readers[0]
+    for path, r in zip(paths[1:], readers[1:]):
+        for what, a, b in (
+            ("size", r.GetSize(), ref.GetSize()),
+            ("spacing", r.GetSpacing(), ref.GetSpacing()),
+            ("origin", r.GetOrigin(), ref.GetOrigin()),
+            ("direction", r.GetDirection(), ref.GetDirection()),
+        ):
+            if not np.allclose(a, b, rtol=0, atol=GEOMETRY_ATOL):
+                raise ConversionError(
+                    f"case {case_id}: {path.name} {what} {tuple(a)} differs from {paths[0].name} {tuple(b)}"
+                )
+
+
+def write_case(
+    dataset_dir: Path, case_id: str, case: LoadedCase, labels: Mapping[str, int], patient: str
+) -> dict[str, Any]:
+    """Write one case atomically and return its metadata record (a row of the metadata table).
+
+    CT and PET are written as float32, the label as uint8; all three must already share the PET
+    geometry (within :data:`GEOMETRY_ATOL`; tiny differences are snapped to the PET header).
+    Raises :class:`ConversionError` naming the case for NaNs, labels outside ``labels`` or a
+    geometry mismatch, before anything is moved into the dataset.
+    """
+    import SimpleITK as sitk
+
+    pet = case.pet
+    if pet.GetDimension() != 3 or pet.GetNumberOfComponentsPerPixel() != 1:
+        raise ConversionError(f"case {case_id}: PET must be a 3D scalar image, got {pet.GetDimension()}D")
+    for what, image in (("CT", case.ct), ("label", case.label)):
+        problem = geometry_mismatch(image, pet)
+        if problem:
+            raise ConversionError(f"case {case_id}: {what} is not on the PET grid ({problem})")
+    ct = sitk.Cast(case.ct, sitk.sitkFloat32)
+    ct.CopyInformation(pet)
+    pet32 = sitk.Cast(pet, sitk.sitkFloat32)
+    label_array = sitk.GetArrayViewFromImage(case.label)
+    if np.issubdtype(label_array.dtype, np.floating) and not np.all(np.mod(label_array, 1) == 0):
+        raise ConversionError(f"case {case_id}: label has non-integer values")
+    allowed = set(int(v) for v in labels.values())
+    found = set(int(v) for v in np.unique(label_array))
+    if not found <= allowed:
+        raise ConversionError(
+            f"case {case_id}: label values {sorted(found - allowed)} are not in the dataset labels {dict(labels)}"
+        )
+    label = sitk.Cast(case.label, sitk.sitkUInt8)
+    label.CopyInformation(pet)
+
+    pet_array = sitk.GetArrayViewFromImage(pet32)
+    for what, array in (("PET", pet_array), ("CT", sitk.GetArrayViewFromImage(ct))):
+        if not np.all(np.isfinite(array)):
+            raise ConversionError(f"case {case_id}: {what} contains NaN or infinite values")
+
+    spacing = pet.GetSpacing()
+    n_lesions, tmtv_ml = lesion_statistics(label_array, spacing)
+    suv_max = float(pet_array.max())
+    metadata = dict(case.metadata)
+    record = {
+        "case_id": case_id,
+        "patient": patient,
+        "study_date": normalize_study_date(metadata.get("study_date")) or "",
+        "tracer": metadata.get("tracer", ""),
+        "scanner": metadata.get("scanner", ""),
+        "suv_branch": metadata.get("suv_branch", ""),
+        "spacing_mm": "x".join(f"{s:.4g}" for s in spacing),
+        "shape": "x".join(str(s) for s in pet.GetSize()),
+        "n_lesions": n_lesions,
+        "tmtv_ml": round(tmtv_ml, 3),
+        "suv_max": round(suv_max, 3),
+        "warnings": [*case.warnings, *suv_warnings(suv_max)],
+        "source": metadata.get("source", ""),
+    }
+
+    staging = _staging_dir(dataset_dir) / case_id
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    targets = _case_files(dataset_dir, case_id)
+    staged = [staging / p.name for p in targets]
+    for image, path in zip((ct, pet32, label), staged):
+        sitk.WriteImage(image, str(path), useCompression=True)
+    check_written_geometry(staged, case_id)
+    write_json_atomic(record, staging / "record.json")
+
+    # Into place: marker first, label last, marker removed; an interruption is rolled back on resume.
+    marker = _marker_path(dataset_dir, case_id)
+    marker.write_text("", encoding="utf-8")
+    os.replace(staged[0], targets[0])
+    os.replace(staged[1], targets[1])
+    os.replace(staging / "record.json", _record_path(dataset_dir, case_id))
+    os.replace(staged[2], targets[2])
+    marker.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# dataset.json, metadata table
+# ----------------------------------------------------------------------------------------------
+
+
+def write_dataset_json(spec: DatasetSpec) -> dict[str, Any]:
+    """dataset.json for the cases on disk (``numTraining`` counts finished cases)."""
+    from nnunetv2_l1dfl import __version__
+
+    dataset_dir = spec.dataset_dir
+    dataset_json = {
+        "channel_names": {str(CT_CHANNEL): "CT", str(PET_CHANNEL): spec.pet_norm},
+        "labels": dict(spec.labels),
+        "numTraining": len(finished_case_ids(dataset_dir)),
+        "file_ending": FILE_ENDING,
+        "name": spec.name,
+        "description": spec.description,
+        "channel_modalities": dict(CHANNEL_MODALITIES),
+        "pet_normalization": f"{spec.pet_norm}: {PET_NORMALIZATIONS[spec.pet_norm]}",
+        "converted_by": f"nnunetv2-l1dfl {__version__}",
+        "case_metadata": METADATA_FILE,
+        **spec.extra_json,
+    }
+    write_json_atomic(dataset_json, dataset_dir / "dataset.json")
+    return dataset_json
+
+
+def read_records(dataset_dir: Path) -> list[dict[str, Any]]:
+    """The per-case records of the finished cases, sorted by case ID."""
+    records = []
+    for case_id in finished_case_ids(dataset_dir):
+        path = _record_path(dataset_dir, case_id)
+        if path.is_file():
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+    return records
+
+
+def write_metadata_table(dataset_dir: Path) -> Path:
+    """``case_metadata.csv``: one row per finished case, warnings joined by ``" | "``."""
+    path = dataset_dir / METADATA_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=METADATA_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for record in read_records(dataset_dir):
+            row = dict(record)
+            row["warnings"] = " | ".join(record.get("warnings", []))
+            writer.writerow(row)
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata_table(dataset_dir: Path) -> list[dict[str, str]]:
+    path = Path(dataset_dir) / METADATA_FILE
+    if not path.is_file():
+        raise ConversionError(
+            f"no {METADATA_FILE} in {dataset_dir}: was this dataset written by l1dfl convert?"
+        )
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
