@@ -160,3 +160,79 @@ def test_read_dicom_refuses_non_dicom_naming_the_file(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(DicomSeriesError, match=rf"{name}: not readable as DICOM"):
             read_dicom(tmp_path / name)
+
+
+def test_non_orthonormal_orientation_is_refused_rounding_is_tolerated(tmp_path):
+    hu = np.zeros((3, 4, 4))
+    files = write_ct_series(tmp_path / "skew", hu)
+    for path in files:  # columns 5 degrees off perpendicular to the rows: not a rotation
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [1, 0, 0, 0.0871557, 0.9961947, 0]
+        ds.save_as(path)
+    with pytest.raises(DicomSeriesError, match=r"ct_000\.dcm: ImageOrientationPatient \(0020,0037\) .* not orthonormal"):
+        read_ct_hu(files)
+    files = write_ct_series(tmp_path / "long", hu, orientation=(1.01, 0, 0, 0, 1, 0))
+    with pytest.raises(DicomSeriesError, match=r"not orthonormal \(\|row\| 1\.010000"):
+        read_ct_hu(files)
+    # Six-digit DS cosines of an oblique plane (rt-utils' oriented_data) are within the tolerance,
+    # and the direction written is exactly orthonormal.
+    oblique = (0.95417, -0.20808, 0.21511, 0.27859, 0.88013, -0.38440)
+    image = read_ct_hu(write_ct_series(tmp_path / "oblique", hu, orientation=oblique))
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(direction.T @ direction, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(direction[:, 0], oblique[:3], atol=1e-4)
+
+
+def _declare_slices(files, number_of_slices):
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.NumberOfSlices = number_of_slices
+        ds.ImageIndex = k + 1
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize("lost", [0, 4])  # the first or the last slice: the spacing stays regular
+def test_pet_series_missing_an_end_slice_is_incomplete_by_number_of_slices(tmp_path, lost):
+    from nnunetv2_l1dfl.conversion.dicom_series import load_slice_stack
+
+    files = write_pet_series(tmp_path / "pet", np.ones((5, 4, 4)) * 100)
+    _declare_slices(files, 5)
+    assert load_slice_stack(files).array.shape == (5, 4, 4)
+    files[lost].unlink()
+    remaining = [f for f in files if f.exists()]
+    with pytest.raises(
+        DicomSeriesError, match=rf"NumberOfSlices \(0054,0081\) is 5 but the case X has 4 files; ImageIndex \(0054,1330\) {lost + 1} missing"
+    ):
+        load_slice_stack(remaining, what="case X")
+
+
+def test_read_ct_hu_refuses_mr_and_pet_by_name(tmp_path):
+    files = write_ct_series(tmp_path / "mr", np.zeros((2, 4, 4)), Modality="MR", SeriesDescription="T1 axial")
+    with pytest.raises(DicomSeriesError, match=r"ct_000\.dcm: Modality \(0008,0060\) is 'MR', not CT \(series .*T1 axial\)"):
+        read_ct_hu(files)
+    pet = write_pet_series(tmp_path / "pet", np.ones((2, 4, 4)))
+    with pytest.raises(DicomSeriesError, match=r"pet_000\.dcm: Modality \(0008,0060\) is 'PT', not CT"):
+        read_ct_hu(pet)
+
+
+def test_files_of_one_series_that_disagree_make_it_a_problem_series(tmp_path):
+    """A PET file whose Modality reads CT (sorted first) used to turn the series into a CT series."""
+    pet = write_pet_series(tmp_path / "pet", np.ones((4, 4, 4)))
+    ds = pydicom.dcmread(pet[0])
+    ds.Modality = "CT"
+    ds.save_as(pet[0])
+    other = write_pet_series(tmp_path / "other", np.ones((3, 4, 4)), patient_id="Q")
+    ds = pydicom.dcmread(other[2])
+    ds.PatientName = "SOMEONE^ELSE"
+    ds.save_as(other[2])
+    series, skipped = discover_series(tmp_path)
+    assert skipped == []
+    by_patient = {s.patient_id: s for s in series}
+    first = by_patient["PAT001"]
+    assert (first.modality, len(first.files), first.has_pet_files) == ("PT", 4, True)
+    assert first.modalities == ("CT", "PT")
+    assert first.problem.startswith(f"{pet[0]}: Modality (0008,0060) 'CT' differs from 'PT'")
+    assert "(3 of 4 files)" in first.problem
+    assert by_patient["Q"].problem.startswith(f"{other[2]}: PatientName (0010,0010) 'SOMEONE^ELSE' differs")
+    with pytest.raises(DicomSeriesError, match=r"Modality \(0008,0060\) 'CT' differs"):
+        read_ct_hu(first)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,10 @@ class DicomSeries:
 
     files: every instance of the series, sorted by path. referenced_series_uids: for RTSTRUCT and
     SEG, the SeriesInstanceUIDs of the image series they were drawn on; ``()`` otherwise.
+    modality: the value most files carry; modalities: every value seen. corrected_image: the
+    CorrectedImage (0028,0051) values, ``None`` when absent. problem: '' or why the files cannot be
+    one series (they disagree on an attribute of :data:`SERIES_CONSISTENT_ATTRIBUTES`; the
+    message names a file and the tag): such a series must fail, never be read.
     Empty strings stand for absent attributes.
     """
 
@@ -137,6 +142,57 @@ class DicomSeries:
     series_description: str
     files: tuple[Path, ...]
     referenced_series_uids: tuple[str, ...]
+    patient_birth_date: str = ""
+    series_number: str = ""
+    corrected_image: tuple[str, ...] | None = None
+    problem: str = ""
+    modalities: tuple[str, ...] = ()
+
+    @property
+    def has_pet_files(self) -> bool:
+        """Any file of the series says Modality PT (the series may still be mostly something else)."""
+        return self.modality == "PT" or "PT" in self.modalities
+
+
+# Attributes every file of one series must agree on (keyword, tag); the first disagreement makes the
+# series' ``problem``: a series mixing modalities or patients is never read as one volume.
+SERIES_CONSISTENT_ATTRIBUTES = (
+    ("Modality", "(0008,0060)"),
+    ("PatientID", "(0010,0020)"),
+    ("PatientName", "(0010,0010)"),
+    ("PatientBirthDate", "(0010,0030)"),
+    ("StudyInstanceUID", "(0020,000D)"),
+    ("FrameOfReferenceUID", "(0020,0052)"),
+)
+
+
+def _series_problem(uid: str, members: Sequence[tuple[Path, pydicom.Dataset]]) -> str:
+    """The first attribute the files of series ``uid`` disagree on, naming a file ('' when none).
+
+    The majority value counts as the series' own, so the message names the odd file out.
+    """
+    for keyword, tag in SERIES_CONSISTENT_ATTRIBUTES:
+        values = [_text(ds, keyword) for _, ds in members]
+        counts = Counter(values)
+        if len(counts) < 2:
+            continue
+        majority = counts.most_common(1)[0][0]
+        odd_path, odd = next((path, v) for (path, _), v in zip(members, values) if v != majority)
+        other = next(path for (path, _), v in zip(members, values) if v == majority)
+        return (
+            f"{odd_path}: {keyword} {tag} {odd!r} differs from {majority!r} of {other} "
+            f"({counts[majority]} of {len(values)} files) in series {uid}"
+        )
+    return ""
+
+
+def _corrected_image(ds: pydicom.Dataset) -> tuple[str, ...] | None:
+    """CorrectedImage (0028,0051) values in upper case, ``None`` when the attribute is absent."""
+    value = ds.get("CorrectedImage")
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    return tuple(str(v).strip().upper() for v in values if str(v).strip())
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -236,36 +292,40 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
         headers.setdefault(uid, []).append((path, ds))
 
     series: list[DicomSeries] = []
-    for uid, members in headers.items():
-        first_path, first = members[0]
+    for uid, all_members in headers.items():
         seen: dict[str, Path] = {}
-        files: list[Path] = []
-        for path, ds in members:
+        members: list[tuple[Path, pydicom.Dataset]] = []
+        for path, ds in all_members:
             sop = _text(ds, "SOPInstanceUID")
             if sop and sop in seen:
                 skipped.append((path, f"duplicate SOPInstanceUID (0008,0018) {sop} of {seen[sop]}"))
                 continue
-            if _text(ds, "Modality") != _text(first, "Modality"):
-                skipped.append(
-                    (path, f"Modality (0008,0060) {_text(ds, 'Modality')!r} differs from "
-                     f"{_text(first, 'Modality')!r} of {first_path} in series {uid}")
-                )  # fmt: skip
-                continue
             seen[sop] = path
-            files.append(path)
+            members.append((path, ds))
+        problem = _series_problem(uid, members)
+        modalities = tuple(sorted({_text(ds, "Modality") for _, ds in members}))
+        modality = Counter(_text(ds, "Modality") for _, ds in members).most_common(1)[0][0]
+        first = next(ds for _, ds in members if _text(ds, "Modality") == modality)
+        if problem:
+            logger.warning("series %s: %s", uid, problem)
         referenced = list(dict.fromkeys(u for _, ds in members for u in _referenced_series(ds)))
         series.append(
             DicomSeries(
                 series_instance_uid=uid,
-                modality=_text(first, "Modality"),
+                modality=modality,
                 study_instance_uid=_text(first, "StudyInstanceUID"),
                 frame_of_reference_uid=_frame_of_reference(first),
                 patient_id=_text(first, "PatientID"),
                 patient_name=_text(first, "PatientName"),
                 study_date=_text(first, "StudyDate"),
                 series_description=_text(first, "SeriesDescription"),
-                files=tuple(files),
+                files=tuple(path for path, _ in members),
                 referenced_series_uids=tuple(referenced),
+                patient_birth_date=_text(first, "PatientBirthDate"),
+                series_number=_text(first, "SeriesNumber"),
+                corrected_image=_corrected_image(first),
+                problem=problem,
+                modalities=modalities,
             )
         )
     series.sort(
@@ -335,20 +395,78 @@ def _rescale_value(ds: pydicom.Dataset, keyword: str, tag: str, path: Path, defa
     return value
 
 
-def load_slice_stack(files: Sequence[Path], what: str = "series") -> SliceStack:
+def _orthonormal_axes(iop: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column cosines of ImageOrientationPatient, checked to be unit and orthogonal.
+
+    Within ``ORIENTATION_TOL`` (DS rounding of the cosines) they are re-orthonormalized, so the
+    direction written equals the one checked; beyond it the file is refused: SimpleITK would coerce
+    a non-orthonormal direction on write and move every voxel without saying so.
+    """
+    row, col = iop[:3], iop[3:]
+    row_norm, col_norm, dot = float(np.linalg.norm(row)), float(np.linalg.norm(col)), float(np.dot(row, col))
+    if abs(row_norm - 1) > ORIENTATION_TOL or abs(col_norm - 1) > ORIENTATION_TOL or abs(dot) > ORIENTATION_TOL:
+        raise DicomSeriesError(
+            f"{path}: ImageOrientationPatient (0020,0037) {[round(float(v), 6) for v in iop]} is not orthonormal "
+            f"(|row| {row_norm:.6f}, |column| {col_norm:.6f}, row.column {dot:.6f}; tolerance {ORIENTATION_TOL})"
+        )
+    row = row / row_norm
+    col = col - np.dot(col, row) * row
+    return row, col / np.linalg.norm(col)
+
+
+def _check_number_of_slices(datasets: Sequence[pydicom.Dataset], paths: Sequence[Path], what: str) -> None:
+    """A PET/NM series that declares NumberOfSlices (0054,0081) must have that many files.
+
+    A missing first or last slice leaves evenly spaced slices, so the spacing check cannot see it;
+    the declared count can. ImageIndex (0054,1330), when present, names the missing slices. A series
+    without NumberOfSlices (the IBSI DROs, many exports) cannot be checked this way.
+    """
+    declared = {str(ds.get("NumberOfSlices", "")).strip() for ds in datasets} - {"", "None"}
+    if not declared:
+        return
+    if len(declared) > 1:
+        raise DicomSeriesError(
+            f"{paths[0]}: NumberOfSlices (0054,0081) differs between the files of the {what}: {sorted(declared)}"
+        )
+    try:
+        expected = int(next(iter(declared)))
+    except ValueError:
+        raise DicomSeriesError(f"{paths[0]}: NumberOfSlices (0054,0081) is not a number: {declared}") from None
+    if expected == len(datasets):
+        return
+    indices = {int(ds.ImageIndex) for ds in datasets if str(ds.get("ImageIndex", "")).strip().isdigit()}
+    missing = sorted(set(range(1, expected + 1)) - indices) if len(indices) == len(datasets) else []
+    raise DicomSeriesError(
+        f"{paths[0]}: NumberOfSlices (0054,0081) is {expected} but the {what} has {len(datasets)} files"
+        + (f"; ImageIndex (0054,1330) {', '.join(map(str, missing[:10]))} missing" if missing else "")
+        + " (incomplete series: a slice was lost or a file belongs to another series)"
+    )
+
+
+def load_slice_stack(files: Sequence[Path], what: str = "series", modality: str | None = None) -> SliceStack:
     """Read single-frame slices into one regular volume, each slice with its own rescale.
 
-    Checks (each error names the offending file): one ImageOrientationPatient (0020,0037), Rows,
+    Checks (each error names the offending file): NumberOfSlices (0054,0081), when present, equals
+    the number of files; an orthonormal ImageOrientationPatient (0020,0037), one for all slices; one Rows,
     Columns and PixelSpacing (0028,0030) for all slices; no two slices at the same position along
     the normal; positions along the normal (no gantry tilt); even slice spacing (within 1 %, so a
     missing slice is an error rather than a stretched volume). Multi-frame (enhanced) objects are
-    not supported. ``what`` names the series in messages (e.g. the case ID).
+    not supported. ``what`` names the series in messages (e.g. the case ID). ``modality`` set:
+    every file must have that Modality (0008,0060), checked first (an MR is refused by name, not
+    read as CT in HU).
     """
     if not files:
         raise DicomSeriesError(f"{what}: no files")
     datasets, paths = [], []
     for path in files:
         ds = read_dicom(path)
+        if modality is not None and _text(ds, "Modality") != modality:
+            description = _text(ds, "SeriesDescription") or "no SeriesDescription"
+            raise DicomSeriesError(
+                f"{path}: Modality (0008,0060) is {_text(ds, 'Modality') or '(missing)'!r}, not {modality} "
+                f"(series {_text(ds, 'SeriesInstanceUID') or '(no SeriesInstanceUID)'}, {description}); "
+                f"refusing to read it as the {modality} of the {what}"
+            )
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise DicomSeriesError(
                 f"{path}: multi-frame image (NumberOfFrames (0028,0008) = {ds.NumberOfFrames}); "
@@ -358,8 +476,9 @@ def load_slice_stack(files: Sequence[Path], what: str = "series") -> SliceStack:
         paths.append(Path(path))
 
     first, first_path = datasets[0], paths[0]
+    _check_number_of_slices(datasets, paths, what)
     iop = _floats(first, "ImageOrientationPatient", "(0020,0037)", first_path, 6)
-    row_cos, col_cos = iop[:3], iop[3:]
+    row_cos, col_cos = _orthonormal_axes(iop, first_path)
     normal = np.cross(row_cos, col_cos)
     pixel_spacing = _floats(first, "PixelSpacing", "(0028,0030)", first_path, 2)  # between rows, columns
     shape = (int(first.Rows), int(first.Columns))
@@ -393,8 +512,9 @@ def load_slice_stack(files: Sequence[Path], what: str = "series") -> SliceStack:
         for i, gap in enumerate(gaps):
             if abs(gap - slice_spacing) > SLICE_GAP_REL_TOL * slice_spacing:
                 raise DicomSeriesError(
-                    f"{paths[i + 1]}: {gap:.3f} mm from the previous slice {paths[i]}, but the {what} has "
-                    f"{slice_spacing:.3f} mm spacing (missing slice or uneven spacing)"
+                    f"{paths[i + 1]}: at {along[i + 1]:.3f} mm along the slice normal (ImagePositionPatient "
+                    f"(0020,0032)), {gap:.3f} mm from the previous slice {paths[i]} at {along[i]:.3f} mm, but the "
+                    f"{what} has {slice_spacing:.3f} mm spacing (missing slice or uneven spacing)"
                 )
         for p, path in zip(positions, paths):
             offset = p - positions[0]
@@ -433,13 +553,13 @@ def read_ct_hu(series: DicomSeries | Sequence[Path]) -> sitk.Image:
 
     Each slice's RescaleSlope (0028,1053) and RescaleIntercept (0028,1052) are applied; slices are
     sorted along the normal by ImagePositionPatient. Raises ``DicomSeriesError`` naming the file on
-    inconsistent geometry (see ``load_slice_stack``). The image carries the FrameOfReferenceUID
+    inconsistent geometry (see ``load_slice_stack``), and for a file whose Modality (0008,0060) is not
+    CT (an MR read as HU would be a silently wrong channel), naming the modality and the series. The image carries the FrameOfReferenceUID
     under the metadata key ``0020|0052``.
     """
     files = series.files if isinstance(series, DicomSeries) else list(series)
     what = f"CT series {series.series_instance_uid}" if isinstance(series, DicomSeries) else "CT series"
-    stack = load_slice_stack(files, what=what)
-    modality = _text(stack.datasets[0], "Modality")
-    if modality and modality != "CT":
-        logger.warning("%s: Modality (0008,0060) is %r, read as CT in HU anyway", stack.files[0], modality)
+    if isinstance(series, DicomSeries) and series.problem:
+        raise DicomSeriesError(series.problem)
+    stack = load_slice_stack(files, what=what, modality="CT")
     return stack.to_image()
