@@ -92,9 +92,19 @@ def test_split_prediction():
         assert counts(ev) == tp_fp_fn, criterion
         assert ev.n_lesions_pred == 2
         assert ev.dice == pytest.approx(2 * 16 / (24 + 16))
-        # lesion DSC against the union of both components
-        assert ev.lesion_dice[0] == pytest.approx(2 * 16 / (24 + 16))
+        # paper (default): one DSC per matched pair, 2*8/(24+8) each, whatever the criterion
+        units = ev.lesion_dsc
+        assert units.definition == "paper"
+        np.testing.assert_array_equal(units.gt_index, [0, 0])
+        np.testing.assert_array_equal(units.pred_label, [1, 2])
+        np.testing.assert_allclose(units.dice, [0.5, 0.5])
+        with pytest.raises(ValueError, match="several predicted components"):
+            _ = ev.lesion_dice
         assert ev.fpv_ml == 0.0 and ev.fnv_ml == 0.0
+        # criterion: one DSC per GT lesion against the union of both components
+        _, ev = score(gt_mask, pred, suv, criterion, lesion_dsc="criterion")
+        assert ev.lesion_dice[0] == pytest.approx(2 * 16 / (24 + 16))
+        np.testing.assert_array_equal(ev.lesion_dsc.pred_label, [-1])
     _, ev = score(gt_mask, pred, suv, "iou")
     assert ev.f1 == pytest.approx(2 / 3)
 
@@ -115,8 +125,12 @@ def test_merged_prediction():
         gt, ev = score(gt_mask, pred, suv, criterion)
         assert counts(ev) == tp_fp_fn, criterion
         assert gt.n_lesions == 2 and ev.n_lesions_pred == 1
-        # lesion DSC 2*8/(8+24) for a detected lesion, 0 for the one the criterion calls missed
-        np.testing.assert_allclose(ev.lesion_dice, np.where(ev.lesion_detected, 2 * 8 / (8 + 24), 0.0))
+        # paper: each GT lesion paired with the whole merged component, 2*8/(8+24), detected or not
+        np.testing.assert_allclose(ev.lesion_dice, [2 * 8 / (8 + 24)] * 2)
+        np.testing.assert_array_equal(ev.lesion_dsc.pred_label, [1, 1])
+        # criterion: 2*8/(8+24) for a detected lesion, 0 for the one the criterion calls missed
+        _, old = score(gt_mask, pred, suv, criterion, lesion_dsc="criterion")
+        np.testing.assert_allclose(old.lesion_dice, np.where(old.lesion_detected, 2 * 8 / (8 + 24), 0.0))
         assert ev.dice == pytest.approx(2 * 16 / (16 + 24))
     np.testing.assert_array_equal(score(gt_mask, pred, suv, "lymphoma_crit3")[1].lesion_detected, [True, False])
     _, ev = score(gt_mask, pred, suv, "iou", iou_threshold=0.5)  # IoU 1/3 < 0.5: nothing matches
@@ -154,18 +168,20 @@ def test_missed_suvmax_voxel():
     assert counts(ev) == (0, 0, 1)
     assert ev.f1 == 0.0
     assert ev.dice == pytest.approx(34 / 35)
-    assert ev.lesion_dice[0] == 0.0  # missed by the criterion, although overlapped
+    assert ev.lesion_dice[0] == pytest.approx(34 / 35)  # paper: the overlapping pair's DSC
+    assert score(gt_mask, pred, suv, "suvmax", lesion_dsc="criterion")[1].lesion_dice[0] == 0.0
     assert ev.fnv_ml == 0.0  # the lesion is touched (FNV is criterion-independent)
     _, ev = score(gt_mask, pred, suv, "overlap")
     assert counts(ev) == (1, 0, 0)
     assert ev.lesion_dice[0] == pytest.approx(34 / 35)
 
 
-def test_lesion_dice_is_zero_for_every_lesion_the_criterion_misses():
+def test_criterion_lesion_dice_is_zero_for_every_lesion_the_criterion_misses():
     """GT1 (z 1-2, y 1-3, x 1-3: 18 voxels, SUVmax at (2, 2, 2)) is covered on slice z = 1 only
     (9 voxels): overlap 9, IoU 9/18. GT2 (x 8-9 on (1, 1): 2 voxels) is predicted exactly. GT1's
     overlap DSC is 2*9/(18+9) = 2/3, but suvmax and crit3 call it missed (its SUVmax voxel is
-    outside), so its lesion DSC is 0 there; overlap and iou detect it and keep 2/3."""
+    outside), so its lesion DSC is 0 there under ``lesion_dsc="criterion"``; overlap and iou detect
+    it and keep 2/3. The paper's definition gives 2/3 under every criterion."""
     gt_mask, suv = case()
     gt_mask[1:3, 1:4, 1:4] = True
     suv[2, 2, 2] = 9.0
@@ -181,7 +197,9 @@ def test_lesion_dice_is_zero_for_every_lesion_the_criterion_misses():
         "iou": ((2, 0, 0), [2 / 3, 1.0]),
     }
     for criterion, (tp_fp_fn, lesion_dice) in expected.items():
-        _, ev = score(gt_mask, pred, suv, criterion)
+        _, paper = score(gt_mask, pred, suv, criterion)
+        np.testing.assert_allclose(paper.lesion_dice, [2 / 3, 1.0], err_msg=criterion)
+        _, ev = score(gt_mask, pred, suv, criterion, lesion_dsc="criterion")
         assert counts(ev) == tp_fp_fn, criterion
         np.testing.assert_allclose(ev.lesion_dice, lesion_dice, err_msg=criterion)
         np.testing.assert_array_equal(ev.lesion_detected, np.asarray(lesion_dice) > 0, err_msg=criterion)
@@ -205,10 +223,16 @@ def test_iou_matching_maximises_the_number_of_matches_above_threshold():
     assert counts(ev) == (2, 0, 0)
     assert ev.f1 == 1.0
     np.testing.assert_array_equal(ev.lesion_detected, [True, True])
-    # lesion DSC against all overlapping components: A meets 1 + 3 of 6 predicted voxels, B 1 of 5
+    # paper: pairs (A, P2) 2*1/(5+1), (A, P1) 2*3/(5+5), (B, P1) 2*1/(1+5); cc3d labels P2 (first in
+    # array order) 1 and P1 2
+    np.testing.assert_array_equal(ev.lesion_dsc.gt_index, [0, 0, 1])
+    np.testing.assert_array_equal(ev.lesion_dsc.pred_label, [1, 2, 2])
+    np.testing.assert_allclose(ev.lesion_dsc.dice, [2 * 1 / 6, 2 * 3 / 10, 2 * 1 / 6])
+    # criterion: against all overlapping components: A meets 1 + 3 of 6 predicted voxels, B 1 of 5
+    _, ev = score(gt_mask, pred, suv, "iou", lesion_dsc="criterion")
     np.testing.assert_allclose(ev.lesion_dice, [2 * 4 / (5 + 6), 2 * 1 / (1 + 5)])
     # above 1/5 only A-P1 (3/7) can match: TP 1, FP 1 (P2), FN 1 (B)
-    _, ev = score(gt_mask, pred, suv, "iou", iou_threshold=0.25)
+    _, ev = score(gt_mask, pred, suv, "iou", iou_threshold=0.25, lesion_dsc="criterion")
     assert counts(ev) == (1, 1, 1)
     np.testing.assert_array_equal(ev.lesion_detected, [True, False])
     np.testing.assert_allclose(ev.lesion_dice, [2 * 4 / (5 + 6), 0.0])
@@ -362,7 +386,7 @@ def _oracle(gt_mask, pred_mask, suv):
     pred_labels, n_pred = M.label_lesions(pred_mask)
     tp_suvmax = tp_overlap = 0
     fnv = 0
-    lesion_dice_suvmax, lesion_dice_overlap = [], []
+    lesion_dice_suvmax, lesion_dice_overlap, pairs = [], [], []
     for i in range(1, n_gt + 1):
         lesion = gt_labels == i
         values = np.where(lesion, suv, -np.inf).ravel()
@@ -376,13 +400,18 @@ def _oracle(gt_mask, pred_mask, suv):
         dice = 2 * (lesion & union).sum() / (lesion.sum() + union.sum()) if touching else 0.0
         lesion_dice_overlap.append(dice)
         lesion_dice_suvmax.append(dice if hit else 0.0)  # 0 for lesions the criterion misses
+        for j in sorted(touching):  # the paper: every overlapping pair, 0 for an unmatched lesion
+            component = pred_labels == j
+            pairs.append((i - 1, j, 2 * (lesion & component).sum() / (lesion.sum() + component.sum())))
+        if not touching:
+            pairs.append((i - 1, 0, 0.0))
     fp = fpv = 0
     for j in range(1, n_pred + 1):
         component = pred_labels == j
         if not (component & gt_mask).any():
             fp += 1
             fpv += component.sum()
-    return tp_suvmax, tp_overlap, fp, n_gt, fpv, fnv, lesion_dice_suvmax, lesion_dice_overlap
+    return tp_suvmax, tp_overlap, fp, n_gt, fpv, fnv, lesion_dice_suvmax, lesion_dice_overlap, pairs
 
 
 def test_against_loop_oracle_on_random_cases():
@@ -391,13 +420,18 @@ def test_against_loop_oracle_on_random_cases():
         gt_mask = rng.random((6, 12, 12)) < 0.08
         pred_mask = (gt_mask & (rng.random(gt_mask.shape) < 0.7)) | (rng.random(gt_mask.shape) < 0.04)
         suv = rng.integers(1, 6, gt_mask.shape).astype(np.float32)  # many ties
-        tp_suvmax, tp_overlap, fp, n_gt, fpv, fnv, dice_suvmax, dice_overlap = _oracle(gt_mask, pred_mask, suv)
+        tp_suvmax, tp_overlap, fp, n_gt, fpv, fnv, dice_suvmax, dice_overlap, pairs = _oracle(gt_mask, pred_mask, suv)
         _, ev = score(gt_mask, pred_mask, suv, "suvmax")
         assert counts(ev) == (tp_suvmax, fp, n_gt - tp_suvmax)
         assert ev.fpv_ml == pytest.approx(fpv * VOXEL_ML) and ev.fnv_ml == pytest.approx(fnv * VOXEL_ML)
+        units = ev.lesion_dsc
+        np.testing.assert_array_equal(units.gt_index, [g for g, _, _ in pairs])
+        np.testing.assert_array_equal(units.pred_label, [p for _, p, _ in pairs])
+        np.testing.assert_allclose(units.dice, [d for _, _, d in pairs])
+        _, ev = score(gt_mask, pred_mask, suv, "suvmax", lesion_dsc="criterion")
         np.testing.assert_allclose(ev.lesion_dice, dice_suvmax)
         assert ev.dice == pytest.approx(M.dice_score(gt_mask, pred_mask))
-        _, ev = score(gt_mask, pred_mask, suv, "overlap")
+        _, ev = score(gt_mask, pred_mask, suv, "overlap", lesion_dsc="criterion")
         assert counts(ev) == (tp_overlap, fp, n_gt - tp_overlap)
         np.testing.assert_allclose(ev.lesion_dice, dice_overlap)
 
@@ -407,9 +441,15 @@ def test_lesion_table_rows():
     gt_mask[1:3, 1:3, 1:3] = True
     suv[1:3, 1:3, 1:3] = 4.0
     rows = M.lesion_table(M.analyse_ground_truth(gt_mask, suv, SPACING))
+    # SUVpeak: the 6.2 mm sphere at (2, 1, 1) mm spacing holds 3 x 13 + 2 x 5 ... voxels; here only
+    # its count matters: the sphere at any lesion voxel holds the 8 lesion voxels (SUV 4) and
+    # background (SUV 1), so the value is checked in test_evaluation_quantities.py
     assert rows == [
         {
             "lesion_id": 1, "volume_ml": pytest.approx(8 * VOXEL_ML), "n_voxels": 8, "suv_max": 4.0,
-            "suv_mean": 4.0, "tla": pytest.approx(32 * VOXEL_ML), "suvmax_z": 1, "suvmax_y": 1, "suvmax_x": 1,
+            "suv_mean": 4.0, "tla": pytest.approx(32 * VOXEL_ML), "tlg": pytest.approx(32 * VOXEL_ML),
+            "suvmax_z": 1, "suvmax_y": 1, "suvmax_x": 1, "centroid_z": 1.5, "centroid_y": 1.5, "centroid_x": 1.5,
+            "suv_peak": rows[0]["suv_peak"], "suv_peak_at_max": rows[0]["suv_peak_at_max"],
         }
     ]  # fmt: skip
+    assert 1.0 < rows[0]["suv_peak_at_max"] <= rows[0]["suv_peak"] < 4.0

@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         DEFAULT_TEST_METRICS,
         DEFAULT_TMTV_QUANTILES,
         EMPTY_POLICIES,
+        LESION_DSC_DEFINITIONS,
         METRIC_DIRECTIONS,
         ZERO_METHODS,
     )
@@ -76,7 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fol.add_argument("--pet", type=Path, metavar="FOLDER", help="nnU-Net images folder <case>_XXXX<ending> (default with -d: imagesTr)")
     fol.add_argument(
         "--pet-channel", type=int, default=1,
-        help="channel index XXXX of the PET file (default: 1; dataset.json channel names are not trusted)",
+        help="channel index XXXX of the PET file (default: 1); refused when dataset.json's channel_modalities "
+        "(or a channel named PET) says another channel is the PET",
     )  # fmt: skip
     fol.add_argument("--file-ending", default=None, help="file ending (default: dataset.json's, else .nii.gz)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output folder")
@@ -84,6 +86,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     m = p.add_argument_group("metrics")
     m.add_argument("--criterion", choices=CRITERIA, default="suvmax", help="lesion detection criterion (default: suvmax)")
+    m.add_argument(
+        "--lesion-dsc", choices=LESION_DSC_DEFINITIONS, default="paper",
+        help="lesion DSC: paper (per matched pair, 0 only for a GT lesion no component overlaps; default) or "
+        "criterion (per GT lesion, 0 when the detection criterion calls it missed)",
+    )  # fmt: skip
     m.add_argument("--iou-threshold", type=float, default=0.1, help="IoU needed by --criterion iou (default: 0.1)")
     m.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=18, help="lesion connectivity (default: 18)")
     m.add_argument("--label", type=int, default=None, help="score only this label (default: every label > 0)")
@@ -135,8 +142,10 @@ def compare_entry(args: argparse.Namespace) -> int:
     from nnunetv2_l1dfl.evaluation.io import (
         DEFAULT_FILE_ENDING,
         CompareInputError,
+        check_output_folder,
         discover_folder_cases,
         discover_nnunet_cases,
+        remove_report_files,
     )
 
     def fail(message: str) -> int:
@@ -148,6 +157,7 @@ def compare_entry(args: argparse.Namespace) -> int:
     try:
         options = CompareOptions(
             criterion=args.criterion,
+            lesion_dsc=args.lesion_dsc,
             iou_threshold=args.iou_threshold,
             connectivity=args.connectivity,
             label=args.label,
@@ -171,6 +181,7 @@ def compare_entry(args: argparse.Namespace) -> int:
     except ValueError as e:
         return fail(str(e))
     try:
+        check_output_folder(args.output)
         if args.dataset is not None:
             if not args.trainers or len(args.trainers) < 2:
                 return fail("-tr needs two or more trainers")
@@ -192,6 +203,10 @@ def compare_entry(args: argparse.Namespace) -> int:
         summary = run_compare(cases, trainers, args.output, options, inputs, overwrite=args.overwrite)
     except CompareInputError as e:
         return fail(str(e))
+    except OSError as e:  # read-only or full disk: no report files left that look complete
+        remove_report_files(args.output)
+        where = f": {e.filename}" if e.filename else ""
+        return fail(f"{e.strerror or e}{where}; no report left in {args.output}")
     medians = ", ".join(f"{row['trainer']} {row['dice']['median']:.3f}" for row in summary["table1"]["all"])
     print(
         f"l1dfl compare: {summary['cases']['n']} cases x {len(trainers)} trainers, median DSC {medians}; "

@@ -23,6 +23,7 @@ from nnunetv2_l1dfl.evaluation.definitions import (
     CALIBRATION_REGIONS,
     DEFAULT_TEST_METRICS,
     DEFAULT_TMTV_QUANTILES,
+    LESION_DSC_DEFINITIONS,
     METRIC_DIRECTIONS,
     ZERO_METHODS,
 )
@@ -44,6 +45,9 @@ class CompareOptions:
 
     Attributes:
         criterion: lesion detection criterion, one of ``metrics.CRITERIA``.
+        lesion_dsc: lesion-level DSC definition, ``paper`` (per matched pair, the default) or
+            ``criterion`` (per GT lesion, coupled to the detection criterion); see
+            ``metrics.LesionDice``.
         iou_threshold: IoU needed for a match under criterion ``iou``.
         connectivity: 6, 18 or 26 for connected components.
         label: score only this label (GT and prediction ``== label``); None = every label > 0.
@@ -65,6 +69,7 @@ class CompareOptions:
     """
 
     criterion: str = "suvmax"
+    lesion_dsc: str = "paper"
     iou_threshold: float = 0.1
     connectivity: int = 18
     label: int | None = None
@@ -93,6 +98,10 @@ class CompareOptions:
                 raise ValueError(message)
 
         check(self.criterion in metrics.CRITERIA, f"criterion must be one of {metrics.CRITERIA}, got {self.criterion!r}")
+        check(
+            self.lesion_dsc in LESION_DSC_DEFINITIONS,
+            f"lesion_dsc must be one of {LESION_DSC_DEFINITIONS}, got {self.lesion_dsc!r}",
+        )
         check(0 < self.iou_threshold <= 1, f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
         check(self.connectivity in metrics.CONNECTIVITIES, f"connectivity must be one of {metrics.CONNECTIVITIES}")
         check(self.label is None or self.label > 0, f"label must be > 0, got {self.label}")
@@ -156,19 +165,24 @@ def _score_trainer(
         iou_threshold=options.iou_threshold,
         connectivity=options.connectivity,
         empty_policy=options.empty_policy,
+        lesion_dsc=options.lesion_dsc,
     )
     case_row = {"case_id": case_id, "trainer": trainer, "fold": fold, **gt_row, **evaluation.case_metrics()}
-    lesion_rows = [
-        {
-            "case_id": case_id,
-            "trainer": trainer,
-            **lesion,
-            "scenario": gt_row["scenario"],
-            "detected": bool(evaluation.lesion_detected[i]),
-            "dice": float(evaluation.lesion_dice[i]),
-        }
-        for i, lesion in enumerate(gt_lesion_rows)
-    ]
+    units = evaluation.lesion_dsc
+    lesion_rows = []
+    for i, pred_label, dice in zip(units.gt_index.tolist(), units.pred_label.tolist(), units.dice.tolist()):
+        lesion_rows.append(
+            {
+                "case_id": case_id,
+                "trainer": trainer,
+                **gt_lesion_rows[i],
+                "scenario": gt_row["scenario"],
+                "detected": bool(evaluation.lesion_detected[i]),
+                "dice": float(dice),
+                "pred_lesion_id": None if pred_label < 0 else int(pred_label),
+                "n_overlapping_pred": int(evaluation.lesion_n_overlapping[i]),
+            }
+        )
     return case_row, lesion_rows
 
 

@@ -3,6 +3,10 @@ line can list them without loading scipy or cc3d."""
 
 #: lesion detection criteria; the first is the default (the paper's)
 CRITERIA = ("suvmax", "overlap", "iou", "lymphoma_crit3")
+#: lesion-level DSC definitions; the first is the default: "paper" (Appendix B.0.2, per matched
+#: pair, 0 only for a GT lesion with no overlapping component) and "criterion" (per GT lesion
+#: against the union of overlapping components, 0 when the detection criterion calls it missed)
+LESION_DSC_DEFINITIONS = ("paper", "criterion")
 #: connected-component connectivities of 3D lesions
 CONNECTIVITIES = (6, 18, 26)
 #: DSC / F1 of an empty GT with an empty prediction: NaN (excluded and counted) or 1

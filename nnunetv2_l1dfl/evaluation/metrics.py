@@ -25,10 +25,23 @@ from dataclasses import dataclass
 import cc3d
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from scipy.spatial import ConvexHull, QhullError
-from scipy.spatial.distance import cdist
 
-from nnunetv2_l1dfl.evaluation.definitions import CONNECTIVITIES, CRITERIA, EMPTY_POLICIES, SCENARIOS
+from nnunetv2_l1dfl.evaluation.definitions import (
+    CONNECTIVITIES,
+    CRITERIA,
+    EMPTY_POLICIES,
+    LESION_DSC_DEFINITIONS,
+    SCENARIOS,
+)
+from nnunetv2_l1dfl.evaluation.quantities import (  # noqa: F401 (re-exported: metrics' public names)
+    LesionQuantities,
+    dmax_from_flat_indices,
+    dmax_mm,
+    lesion_quantities_from_flat,
+    max_pairwise_distance,
+    patient_quantities_from_flat,
+    voxel_volume_ml,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +77,6 @@ def label_lesions(mask: np.ndarray, connectivity: int = 18) -> tuple[np.ndarray,
     return labels, int(n)
 
 
-def voxel_volume_ml(spacing_mm: tuple[float, float, float]) -> float:
-    """Volume of one voxel in ml (= cm^3) from its spacing in mm."""
-    return float(np.prod(np.asarray(spacing_mm, dtype=np.float64))) / 1000.0
-
-
 def dice_from_counts(intersection: float, size_a: float, size_b: float, empty_policy: str = "nan") -> float:
     """Dice 2|A n B| / (|A| + |B|) from voxel counts.
 
@@ -102,76 +110,6 @@ def scenario_of(n_lesions: int) -> str:
     return SCENARIOS[min(int(n_lesions), 2)]
 
 
-# ----------------------------------------------------------------------------- Dmax
-
-
-def max_pairwise_distance(points: np.ndarray) -> float:
-    """Largest Euclidean distance between any two rows of ``points`` (k, d), in their units.
-
-    The diameter of a point set is attained between vertices of its convex hull, so only those are
-    compared. Degenerate sets are handled explicitly: k < 2 gives 0.0; points on a line give the
-    extent along it; points in a plane (a one-slice lesion) use the 2D hull in that plane.
-    """
-    points = np.asarray(points, dtype=np.float64)
-    if points.ndim != 2:
-        raise ValueError(f"points must be (k, d), got shape {points.shape}")
-    if len(points) < 2:
-        return 0.0
-    centred = points - points.mean(axis=0)
-    _, singular_values, basis = np.linalg.svd(centred, full_matrices=False)
-    if singular_values[0] == 0:
-        return 0.0  # all points identical
-    rank = int(np.count_nonzero(singular_values > singular_values[0] * 1e-9))
-    if rank == 1:
-        along = centred @ basis[0]
-        return float(along.max() - along.min())
-    in_subspace = centred @ basis[:rank].T  # distances are preserved: the points lie in the subspace
-    try:
-        candidates = points[ConvexHull(in_subspace).vertices]
-    except QhullError:  # numerically degenerate beyond the rank test: compare all points
-        candidates = points
-    return _max_distance_brute_force(candidates)
-
-
-def _max_distance_brute_force(points: np.ndarray, block: int = 2048) -> float:
-    best = 0.0
-    for start in range(0, len(points), block):
-        distances = cdist(points[start : start + block], points[start:])
-        best = max(best, float(distances.max()))
-    return best
-
-
-def _row_extreme_indices(flat_indices: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Of sorted flat indices, keep the first and last voxel of every (z, y) row.
-
-    Any convex-hull vertex of a voxel set is extreme along x within its row, so this keeps every
-    hull vertex while shrinking a solid lesion's point set to its surface in x.
-    """
-    rows = flat_indices // shape[-1]
-    new_row = np.flatnonzero(np.diff(rows)) + 1
-    starts = np.concatenate(([0], new_row))
-    ends = np.concatenate((new_row - 1, [len(flat_indices) - 1]))
-    return flat_indices[np.unique(np.concatenate((starts, ends)))]
-
-
-def dmax_from_flat_indices(
-    flat_indices: np.ndarray, shape: tuple[int, int, int], spacing_mm: tuple[float, float, float]
-) -> float:
-    """Dmax in mm of the voxels at the given sorted flat indices (array order); NaN when empty."""
-    if len(flat_indices) == 0:
-        return float("nan")
-    extremes = _row_extreme_indices(np.asarray(flat_indices), shape)
-    coordinates = np.stack(np.unravel_index(extremes, shape), axis=1).astype(np.float64)
-    return max_pairwise_distance(coordinates * np.asarray(spacing_mm, dtype=np.float64))
-
-
-def dmax_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float]) -> float:
-    """Lesion dissemination Dmax (mm): largest distance between the centres of any two foreground
-    voxels of a 3D mask, spacing applied. NaN for an empty mask, 0.0 for a single voxel."""
-    mask = np.ascontiguousarray(mask)
-    return dmax_from_flat_indices(np.flatnonzero(mask), mask.shape, spacing_mm)
-
-
 # ----------------------------------------------------------------------------- ground truth
 
 
@@ -179,44 +117,68 @@ def dmax_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float]) -> float:
 class GroundTruthLesions:
     """Everything about a case's GT that does not depend on the prediction (computed once per case).
 
-    Per-lesion arrays have length ``n_lesions``; entry ``i`` is the component labelled ``i + 1``.
+    The per-lesion numbers are ``quantities`` (:class:`quantities.LesionQuantities`, the one
+    definition of volume, SUVmax, SUVmean, SUVpeak and TLA/TLG shared with ``l1dfl predict``);
+    entry ``i`` is the component labelled ``i + 1``. ``patient`` holds the patient numbers of
+    :func:`quantities.patient_quantities` (TMTV, total TLG, SUVmax, SUVmean, Dmax).
     """
 
     labels: np.ndarray  # (z, y, x) component labels, 0 = background
     n_lesions: int
     flat_indices: np.ndarray  # (n_fg,) sorted flat indices of GT foreground voxels
-    voxel_counts: np.ndarray  # (n,) int64
-    suv_max: np.ndarray  # (n,) float64
-    suv_sum: np.ndarray  # (n,) float64
-    suvmax_flat_index: np.ndarray  # (n,) int64, first voxel in array order on ties
-    voxel_volume_ml: float
-    dmax_mm: float  # NaN without lesions
+    quantities: LesionQuantities
+    patient: dict
+    spacing_mm: tuple[float, float, float]
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return voxel_volume_ml(self.spacing_mm)
+
+    @property
+    def voxel_counts(self) -> np.ndarray:
+        return self.quantities.n_voxels
+
+    @property
+    def suv_max(self) -> np.ndarray:
+        return self.quantities.suv_max
+
+    @property
+    def suv_sum(self) -> np.ndarray:
+        return self.quantities.suv_sum
+
+    @property
+    def suvmax_flat_index(self) -> np.ndarray:
+        return self.quantities.suvmax_flat_index
 
     @property
     def volume_ml(self) -> np.ndarray:
-        return self.voxel_counts * self.voxel_volume_ml
+        return self.quantities.volume_ml
 
     @property
     def suv_mean(self) -> np.ndarray:
-        return self.suv_sum / np.maximum(self.voxel_counts, 1)
+        return self.quantities.suv_mean
 
     @property
     def tla(self) -> np.ndarray:
-        """Total lesion activity per lesion: sum of SUV x voxel volume (SUV x ml)."""
-        return self.suv_sum * self.voxel_volume_ml
+        """Total lesion activity per lesion: sum of SUV x voxel volume (SUV x ml) = TLG."""
+        return self.quantities.tlg
 
     @property
     def tmtv_ml(self) -> float:
-        return float(self.voxel_counts.sum()) * self.voxel_volume_ml
+        return self.patient["tmtv_ml"]
 
     @property
     def total_tla(self) -> float:
-        return float(self.suv_sum.sum()) * self.voxel_volume_ml
+        return self.patient["total_tlg"]
+
+    @property
+    def dmax_mm(self) -> float:
+        return self.patient["dmax_mm"]
 
     @property
     def suvmax_zyx(self) -> np.ndarray:
         """(n, 3) voxel index (z, y, x) of each lesion's SUVmax voxel."""
-        return np.stack(np.unravel_index(self.suvmax_flat_index, self.labels.shape), axis=1)
+        return self.quantities.suvmax_zyx
 
 
 def analyse_ground_truth(
@@ -225,7 +187,7 @@ def analyse_ground_truth(
     spacing_mm: tuple[float, float, float],
     connectivity: int = 18,
 ) -> GroundTruthLesions:
-    """Components, volumes, SUV statistics, SUVmax voxels and Dmax of a binary GT mask.
+    """Components of a binary GT mask and their quantities (``quantities.py``), and Dmax.
 
     Args:
         gt_mask: (z, y, x) bool, the lesion foreground.
@@ -240,26 +202,17 @@ def analyse_ground_truth(
         raise ValueError(f"GT shape {gt_mask.shape} and PET shape {suv.shape} differ")
     labels, n_lesions = label_lesions(gt_mask, connectivity)
     flat_indices = np.flatnonzero(gt_mask)  # a bool scan is cheaper than one over the label map
-    lesion_of_voxel = labels.ravel()[flat_indices].astype(np.int64)
-    suv_values = np.ascontiguousarray(suv).ravel()[flat_indices].astype(np.float64)
-    if not np.all(np.isfinite(suv_values)):
-        raise ValueError("PET has non-finite values (NaN or inf) inside the GT lesions")
-    voxel_counts = np.bincount(lesion_of_voxel, minlength=n_lesions + 1)[1:]
-    suv_sum = np.bincount(lesion_of_voxel, weights=suv_values, minlength=n_lesions + 1)[1:]
-    # Sort voxels by lesion, then SUV descending, then array order: the first of each lesion is
-    # its SUVmax voxel with ties going to the earliest voxel.
-    order = np.lexsort((flat_indices, -suv_values, lesion_of_voxel))
-    firsts = order[np.searchsorted(lesion_of_voxel[order], np.arange(1, n_lesions + 1))]
+    spacing = tuple(float(s) for s in spacing_mm)
+    lesions = lesion_quantities_from_flat(labels, n_lesions, flat_indices, suv, spacing)
+    suv_values = np.ascontiguousarray(suv).ravel()[flat_indices]
+    patient = patient_quantities_from_flat(flat_indices, n_lesions, suv_values, gt_mask.shape, spacing)
     return GroundTruthLesions(
         labels=labels,
         n_lesions=n_lesions,
         flat_indices=flat_indices,
-        voxel_counts=voxel_counts.astype(np.int64),
-        suv_max=suv_values[firsts],
-        suv_sum=suv_sum,
-        suvmax_flat_index=flat_indices[firsts].astype(np.int64),
-        voxel_volume_ml=voxel_volume_ml(spacing_mm),
-        dmax_mm=dmax_from_flat_indices(flat_indices, gt_mask.shape, spacing_mm),
+        quantities=lesions,
+        patient=patient,
+        spacing_mm=spacing,
     )
 
 
@@ -450,6 +403,64 @@ def detect_lesions(
 
 
 @dataclass(frozen=True)
+class LesionDice:
+    """The lesion-level DSC values of one prediction, one entry per scoring unit.
+
+    ``definition="paper"`` (Appendix B.0.2): a GT lesion and a predicted component match when they
+    share any voxel; every matched pair is a unit with DSC 2|G n P| / (|G| + |P|) of that GT lesion
+    G and that component P; a GT lesion with no match is a unit with DSC 0 (``pred_label`` 0).
+    A GT lesion split over k components is k units; a component merging k GT lesions appears in k
+    units, each scored with its full size. Predicted components matching no GT lesion are no unit.
+
+    ``definition="criterion"`` (before issue 12): one unit per GT lesion, DSC against the union of
+    the predicted components overlapping it (``pred_label`` -1), 0 when the detection criterion
+    calls the lesion missed (FN) even if a component overlaps it.
+
+    Units are sorted by GT label, then predicted label.
+    """
+
+    definition: str
+    gt_index: np.ndarray  # (m,) int64, 0-based GT lesion index (GT label - 1)
+    pred_label: np.ndarray  # (m,) int64, predicted component label; 0 = no match; -1 = union (criterion)
+    dice: np.ndarray  # (m,) float64
+
+    def per_gt_lesion(self) -> np.ndarray:
+        """(n_gt,) DSC per GT lesion, where every GT lesion has exactly one unit (always for
+        ``criterion``; for ``paper`` when no GT lesion is split). Raises ValueError otherwise."""
+        if len(np.unique(self.gt_index)) != len(self.gt_index):
+            raise ValueError("a GT lesion is matched by several predicted components; read the units")
+        return self.dice
+
+
+def lesion_dice_units(
+    table: OverlapTable, gt_detected: np.ndarray, definition: str = "paper"
+) -> LesionDice:
+    """Lesion-level DSC units of one prediction from its overlap table (see :class:`LesionDice`);
+    ``gt_detected`` (n_gt,) is the detection criterion's verdict, used by ``criterion`` only."""
+    if definition not in LESION_DSC_DEFINITIONS:
+        raise ValueError(f"lesion DSC definition must be one of {LESION_DSC_DEFINITIONS}, got {definition!r}")
+    n_gt = table.n_gt
+    inter_per_gt = np.bincount(table.pair_gt, weights=table.pair_voxels, minlength=n_gt + 1)[1:]
+    if definition == "criterion":
+        touching_pred_voxels = np.bincount(
+            table.pair_gt, weights=table.pred_sizes[table.pair_pred], minlength=n_gt + 1
+        )[1:]
+        dice = np.where(
+            gt_detected & (inter_per_gt > 0),
+            2.0 * inter_per_gt / np.maximum(table.gt_sizes[1:] + touching_pred_voxels, 1),
+            0.0,
+        )
+        return LesionDice(definition, np.arange(n_gt, dtype=np.int64), np.full(n_gt, -1, dtype=np.int64), dice)
+    pair_dice = 2.0 * table.pair_voxels / (table.gt_sizes[table.pair_gt] + table.pred_sizes[table.pair_pred])
+    unmatched = np.flatnonzero(inter_per_gt == 0)
+    gt_index = np.concatenate((table.pair_gt - 1, unmatched)).astype(np.int64)
+    pred_label = np.concatenate((table.pair_pred, np.zeros(len(unmatched)))).astype(np.int64)
+    dice = np.concatenate((pair_dice, np.zeros(len(unmatched))))
+    order = np.lexsort((pred_label, gt_index))
+    return LesionDice(definition, gt_index[order], pred_label[order], dice[order].astype(np.float64))
+
+
+@dataclass(frozen=True)
 class PredictionEvaluation:
     """Patient- and lesion-level results of one prediction against one case's GT."""
 
@@ -460,11 +471,27 @@ class PredictionEvaluation:
     f1: float
     fpv_ml: float
     fnv_ml: float
-    tmtv_pred_ml: float
-    tla_pred: float
-    n_lesions_pred: int
+    patient_pred: dict  # quantities.patient_quantities of the prediction's components
     lesion_detected: np.ndarray  # (n_gt,) bool
-    lesion_dice: np.ndarray  # (n_gt,) float64, 0 when the detection criterion calls the lesion missed
+    lesion_n_overlapping: np.ndarray  # (n_gt,) int64, predicted components sharing a voxel with the lesion
+    lesion_dsc: LesionDice
+
+    @property
+    def n_lesions_pred(self) -> int:
+        return self.patient_pred["n_lesions"]
+
+    @property
+    def tmtv_pred_ml(self) -> float:
+        return self.patient_pred["tmtv_ml"]
+
+    @property
+    def tla_pred(self) -> float:
+        return self.patient_pred["total_tlg"]
+
+    @property
+    def lesion_dice(self) -> np.ndarray:
+        """(n_gt,) lesion DSC per GT lesion; see :meth:`LesionDice.per_gt_lesion`."""
+        return self.lesion_dsc.per_gt_lesion()
 
     def case_metrics(self) -> dict:
         """The patient-level numbers as a flat dict (the prediction's columns of cases.csv)."""
@@ -478,6 +505,9 @@ class PredictionEvaluation:
             "fnv_ml": self.fnv_ml,
             "tmtv_pred_ml": self.tmtv_pred_ml,
             "tla_pred": self.tla_pred,
+            "suv_max_pred": self.patient_pred["suv_max"],
+            "suv_mean_pred": self.patient_pred["suv_mean"],
+            "dmax_pred_mm": self.patient_pred["dmax_mm"],
             "n_lesions_pred": self.n_lesions_pred,
             "disease_pred": self.n_lesions_pred > 0,
         }
@@ -492,23 +522,25 @@ def evaluate_prediction(
     iou_threshold: float = 0.1,
     connectivity: int = 18,
     empty_policy: str = "nan",
+    lesion_dsc: str = "paper",
 ) -> PredictionEvaluation:
     """Score one binary prediction (z, y, x) against an analysed GT (same shape, same spacing).
 
     Patient level: volume DSC, TP/FP/FN and F1 under ``criterion``, FPV (ml of predicted
     components touching no GT lesion), FNV (ml of GT lesions touching no predicted component),
-    predicted TMTV (ml) and TLA (SUV x ml). Lesion level: detection under ``criterion`` and lesion
-    DSC against the union of predicted components overlapping the lesion, set to 0 for every
-    lesion the criterion calls missed (FN) even when a component overlaps it (e.g. one that misses
-    the SUVmax voxel under ``suvmax``), so that a lesion's DSC and its detection never contradict
-    each other. Empty cases follow ``empty_policy``.
+    and the prediction's own patient quantities (``quantities.patient_quantities``: TMTV, total
+    TLA, SUVmax, SUVmean, Dmax, lesion count). Lesion level: detection under ``criterion`` and the
+    lesion DSC units of ``lesion_dsc`` (:class:`LesionDice`: ``paper`` per matched pair, the
+    default; ``criterion`` per GT lesion, 0 when the criterion calls it missed). Empty cases follow
+    ``empty_policy``.
     """
     if pred_mask.shape != gt.labels.shape:
         raise ValueError(f"prediction shape {pred_mask.shape} differs from GT shape {gt.labels.shape}")
     pred_labels, n_pred = label_lesions(pred_mask, connectivity)
     # Voxels foreground in either mask, from the GT's stored indices and one scan of the binary
     # prediction: no pass over the full-size label maps.
-    union = np.union1d(gt.flat_indices, np.flatnonzero(pred_mask))
+    pred_flat = np.flatnonzero(pred_mask)
+    union = np.union1d(gt.flat_indices, pred_flat)
     gt_codes = gt.labels.ravel()[union]
     pred_codes = pred_labels.ravel()[union]
     table = overlap_table_from_codes(gt_codes, pred_codes, gt.n_lesions, n_pred)
@@ -520,22 +552,14 @@ def evaluate_prediction(
     n_gt_voxels = int(table.gt_sizes.sum())
     intersection = int(table.pair_voxels.sum())
 
-    inter_per_gt = np.bincount(table.pair_gt, weights=table.pair_voxels, minlength=gt.n_lesions + 1)[1:]
-    touching_pred_voxels = np.bincount(
-        table.pair_gt, weights=table.pred_sizes[table.pair_pred], minlength=gt.n_lesions + 1
-    )[1:]
-    lesion_dice = np.where(
-        detection.gt_detected & (inter_per_gt > 0),
-        2.0 * inter_per_gt / np.maximum(gt.voxel_counts + touching_pred_voxels, 1),
-        0.0,
-    )
-    gt_touched = inter_per_gt > 0
+    n_overlapping = np.bincount(table.pair_gt, minlength=gt.n_lesions + 1)[1:].astype(np.int64)
+    gt_touched = n_overlapping > 0
     pred_touched = np.zeros(n_pred + 1, dtype=bool)
     pred_touched[table.pair_pred] = True
     fpv_voxels = int(table.pred_sizes[1:][~pred_touched[1:]].sum())
     fnv_voxels = int(gt.voxel_counts[~gt_touched].sum())
-    suv_union = np.ascontiguousarray(suv).ravel()[union]
-    tla_pred = float(suv_union[pred_codes != 0].sum(dtype=np.float64)) * vv
+    suv_pred = np.ascontiguousarray(suv).ravel()[pred_flat]
+    patient_pred = patient_quantities_from_flat(pred_flat, n_pred, suv_pred, pred_mask.shape, gt.spacing_mm)
 
     return PredictionEvaluation(
         dice=dice_from_counts(intersection, n_gt_voxels, n_pred_voxels, empty_policy),
@@ -545,11 +569,10 @@ def evaluate_prediction(
         f1=f1_from_counts(detection.tp, detection.fp, detection.fn, empty_policy),
         fpv_ml=fpv_voxels * vv,
         fnv_ml=fnv_voxels * vv,
-        tmtv_pred_ml=n_pred_voxels * vv,
-        tla_pred=tla_pred,
-        n_lesions_pred=n_pred,
+        patient_pred=patient_pred,
         lesion_detected=detection.gt_detected,
-        lesion_dice=lesion_dice,
+        lesion_n_overlapping=n_overlapping,
+        lesion_dsc=lesion_dice_units(table, detection.gt_detected, lesion_dsc),
     )
 
 
@@ -560,25 +583,18 @@ def ground_truth_case_metrics(gt: GroundTruthLesions) -> dict:
         "scenario": scenario_of(gt.n_lesions),
         "tmtv_gt_ml": gt.tmtv_ml,
         "tla_gt": gt.total_tla,
+        "suv_max_gt": gt.patient["suv_max"],
+        "suv_mean_gt": gt.patient["suv_mean"],
         "dmax_mm": gt.dmax_mm,
         "disease_gt": gt.n_lesions > 0,
     }
 
 
 def lesion_table(gt: GroundTruthLesions) -> list[dict]:
-    """One dict per GT lesion with its prediction-independent columns of lesions.csv."""
-    zyx = gt.suvmax_zyx
-    return [
-        {
-            "lesion_id": i + 1,
-            "volume_ml": float(gt.volume_ml[i]),
-            "n_voxels": int(gt.voxel_counts[i]),
-            "suv_max": float(gt.suv_max[i]),
-            "suv_mean": float(gt.suv_mean[i]),
-            "tla": float(gt.tla[i]),
-            "suvmax_z": int(zyx[i, 0]),
-            "suvmax_y": int(zyx[i, 1]),
-            "suvmax_x": int(zyx[i, 2]),
-        }
-        for i in range(gt.n_lesions)
-    ]
+    """One dict per GT lesion with its prediction-independent columns of lesions.csv (the
+    quantities of ``quantities.lesion_quantities``; ``tla`` and ``tlg`` are the same number)."""
+    rows = []
+    for row in gt.quantities.rows():
+        row["tla"] = row["tlg"]
+        rows.append(row)
+    return rows

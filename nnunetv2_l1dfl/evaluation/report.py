@@ -15,12 +15,14 @@ import numpy as np
 
 CASE_COLUMNS = (
     "case_id", "trainer", "fold", "dice", "tp", "fp", "fn", "f1", "fpv_ml", "fnv_ml", "tmtv_gt_ml",
-    "tmtv_pred_ml", "tla_gt", "tla_pred", "n_lesions_gt", "n_lesions_pred", "scenario", "dmax_mm",
-    "dmax_group", "disease_gt", "disease_pred",
+    "tmtv_pred_ml", "tla_gt", "tla_pred", "suv_max_gt", "suv_max_pred", "suv_mean_gt", "suv_mean_pred",
+    "n_lesions_gt", "n_lesions_pred", "scenario", "dmax_mm", "dmax_pred_mm", "dmax_group", "disease_gt",
+    "disease_pred",
 )  # fmt: skip
 LESION_COLUMNS = (
-    "case_id", "trainer", "lesion_id", "volume_ml", "n_voxels", "suv_max", "suv_mean", "tla", "detected",
-    "dice", "scenario", "volume_bin", "suvmax_z", "suvmax_y", "suvmax_x",
+    "case_id", "trainer", "lesion_id", "volume_ml", "n_voxels", "suv_max", "suv_mean", "suv_peak",
+    "suv_peak_at_max", "tla", "tlg", "detected", "dice", "pred_lesion_id", "n_overlapping_pred", "scenario",
+    "volume_bin", "suvmax_z", "suvmax_y", "suvmax_x", "centroid_z", "centroid_y", "centroid_x",
 )  # fmt: skip
 
 _TABLE1_HEADER = (

@@ -227,14 +227,15 @@ def _lesion_bins(lesion_rows: list[dict], trainers: list[str], edges: list[float
         }
         for trainer in trainers:
             rows = [r for r in lesion_rows if r["trainer"] == trainer and r["volume_bin"] == name]
-            entry["n_lesions"] = len(rows)
-            detected = np.array([r["detected"] for r in rows], dtype=bool)
+            detected = _detected_per_gt_lesion(rows)
+            entry["n_lesions"] = len(detected)
+            entry["n_units"] = len(rows)
             entry["trainers"][trainer] = {
-                "detection_rate": float(detected.mean()) if len(rows) else float("nan"),
+                "detection_rate": float(detected.mean()) if len(detected) else float("nan"),
                 "dice": describe([r["dice"] for r in rows]),
             }
         bins.append(entry)
-    n_outside = sum(1 for r in lesion_rows if r["trainer"] == trainers[0] and r["volume_bin"] == "")
+    n_outside = len({(r["case_id"], r["lesion_id"]) for r in lesion_rows if r["trainer"] == trainers[0] and r["volume_bin"] == ""})
     return {
         "source": "edges" if options.lesion_volume_edges_ml is not None else "quantiles",
         "edges_ml": edges,
@@ -243,15 +244,23 @@ def _lesion_bins(lesion_rows: list[dict], trainers: list[str], edges: list[float
     }
 
 
+def _detected_per_gt_lesion(rows: list[dict]) -> np.ndarray:
+    """Detection flags, one per GT lesion: a lesion split over several DSC units (``paper``) has
+    several rows, all with the same ``detected``."""
+    flags = {(r["case_id"], r["lesion_id"]): r["detected"] for r in rows}
+    return np.array(list(flags.values()), dtype=bool)
+
+
 def _lesion_overall(lesion_rows: list[dict], trainers: list[str]) -> dict:
     result = {}
     for trainer in trainers:
         rows = [r for r in lesion_rows if r["trainer"] == trainer]
-        detected = np.array([r["detected"] for r in rows], dtype=bool)
+        detected = _detected_per_gt_lesion(rows)
         result[trainer] = {
-            "n_lesions": len(rows),
+            "n_lesions": len(detected),
+            "n_dice_units": len(rows),
             "n_detected": int(detected.sum()),
-            "detection_rate": float(detected.mean()) if rows else float("nan"),
+            "detection_rate": float(detected.mean()) if len(detected) else float("nan"),
             "dice": describe([r["dice"] for r in rows]),
         }
     return result
@@ -282,8 +291,15 @@ def policies(options) -> dict:
         "empty_gt_and_prediction": f"DSC and F1 = {empty}",
         "empty_gt_with_prediction": "DSC 0, F1 0, every predicted component FP",
         "f1": "2TP / (2TP + FP + FN) per case",
-        "lesion_dice": "against the union of predicted components overlapping the lesion; 0 when the "
-        "detection criterion calls the lesion missed (FN), even if a predicted component overlaps it",
+        "lesion_dice": (
+            "the paper's (Appendix B.0.2): a GT lesion and a predicted component match when they share "
+            "any voxel; DSC of every matched pair (a GT lesion split over k components gives k pairs, a "
+            "component merging k GT lesions is scored against each with its full size); DSC 0 only for a "
+            "GT lesion no component overlaps; components matching no GT lesion are not scored here"
+            if options.lesion_dsc == "paper"
+            else "one per GT lesion, against the union of predicted components overlapping the lesion; 0 "
+            "when the detection criterion calls the lesion missed (FN), even if a component overlaps it"
+        ),
         "fpv_fnv": "ml of predicted components touching no GT lesion / of GT lesions touching no "
         "predicted component (criterion-independent)",
         "dmax": "largest distance between GT foreground voxel centres (mm), from convex-hull vertices; "
