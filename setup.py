@@ -48,6 +48,7 @@ setup(
         "numpy>=1.24",
         "numba>=0.58",
         "pydicom>=2.4",
+        "nibabel>=5.0",
         "highdicom>=0.22",
         "connected-components-3d>=3.12",
         "scipy>=1.10",
