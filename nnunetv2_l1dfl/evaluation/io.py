@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +112,12 @@ def read_image(path: Path, kind: str = "label") -> tuple[np.ndarray, Geometry]:
         if not np.array_equal(rounded, array):
             raise CompareInputError(f"{path}: label image holds non-integer values")
         array = rounded.astype(np.int32)
+    if kind == "label" and array.size and array.min() < 0:
+        negative = np.unique(array[array < 0])
+        raise CompareInputError(
+            f"{path}: label image holds negative values {negative[:5].tolist()} in {int((array < 0).sum())} "
+            "voxel(s); labels are 0 (background) or positive"
+        )
     return np.ascontiguousarray(array), Geometry.from_sitk(image)
 
 
@@ -144,16 +152,74 @@ def check_geometry(reference: tuple[Path, Geometry], other: tuple[Path, Geometry
 
 
 def load_probabilities(path: Path) -> np.ndarray:
-    """``probabilities`` (C, z, y, x) from an nnU-Net ``<case>.npz``, as float32."""
+    """``probabilities`` (C, z, y, x) from an nnU-Net ``<case>.npz``, as float32; refuses NaN, infinite
+    values and values outside [0, 1], naming the file."""
     try:
         with np.load(path) as npz:
             if "probabilities" not in npz:
                 raise CompareInputError(f"{path} has no 'probabilities' array (keys: {sorted(npz.files)})")
-            return np.asarray(npz["probabilities"], dtype=np.float32)
-    except (OSError, ValueError) as e:
+            probabilities = np.asarray(npz["probabilities"], dtype=np.float32)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         if isinstance(e, CompareInputError):
             raise
         raise CompareInputError(f"cannot read probabilities from {path}: {e}") from e
+    finite = np.isfinite(probabilities)
+    if not finite.all():
+        n_nan = int(np.isnan(probabilities).sum())
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise CompareInputError(
+            f"{path}: probabilities hold {n_nan} NaN and {int((~finite).sum()) - n_nan} infinite value(s), "
+            f"the first at (channel, z, y, x) {first}"
+        )
+    if probabilities.size and (probabilities.min() < 0 or probabilities.max() > 1):
+        raise CompareInputError(
+            f"{path}: probabilities outside [0, 1] (min {probabilities.min():.4g}, max {probabilities.max():.4g})"
+        )
+    return probabilities
+
+
+# ----------------------------------------------------------------------------- channels
+
+# A description names the PET when it starts with PET, PT or SUV ("PET in SUVbw", "PET_SUV", "SUV").
+# Only the start counts: the CT's description "CT in Hounsfield units, resampled onto the PET grid"
+# mentions the PET too.
+_PET_DESCRIPTION = re.compile(r"^\s*(pet(?![a-z])|pt(?![a-z])|suv)", re.IGNORECASE)
+
+
+def check_pet_channel(dataset_json: Path | None, pet_channel: int) -> None:
+    """Refuse a ``--pet-channel`` that ``dataset_json`` says is not the PET.
+
+    ``channel_modalities`` (the physical modality of each channel, written by ``l1dfl convert``)
+    decides when present; else ``channel_names`` when one of them names the PET. Channel names
+    alone cannot tell when none does: ``l1dfl convert`` names its PET channel ``CT`` (or ``noNorm``,
+    ...) to choose nnU-Net's normalization, so such a dataset.json is checked only for the channel
+    existing. No dataset.json: nothing to check against.
+    """
+    if dataset_json is None or not Path(dataset_json).is_file():
+        return
+    try:
+        info = json.loads(Path(dataset_json).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CompareInputError(f"cannot read {dataset_json}: {e}") from e
+    key = str(pet_channel)
+    names = {str(k): str(v) for k, v in (info.get("channel_names") or info.get("modality") or {}).items()}
+    modalities = {str(k): str(v) for k, v in (info.get("channel_modalities") or {}).items()}
+    channels = sorted(set(names) | set(modalities), key=lambda k: (len(k), k))
+    if channels and key not in channels:
+        raise CompareInputError(
+            f"--pet-channel {pet_channel}: {dataset_json} has no channel {pet_channel} (channels {', '.join(channels)})"
+        )
+    for what, table in (("channel_modalities", modalities), ("channel_names", names)):
+        pet_keys = [k for k in sorted(table, key=lambda k: (len(k), k)) if _PET_DESCRIPTION.match(table[k])]
+        if not pet_keys:
+            continue
+        if key not in pet_keys:
+            raise CompareInputError(
+                f"--pet-channel {pet_channel} is {table.get(key, '')!r} in {dataset_json} ({what}); the PET is "
+                f"channel {' or '.join(pet_keys)}: pass --pet-channel {pet_keys[0]}"
+            )
+        return
+    logger.debug("%s names no channel PET; --pet-channel %d taken as given", dataset_json, pet_channel)
 
 
 # ----------------------------------------------------------------------------- cases
@@ -169,6 +235,31 @@ class CaseFiles:
     predictions: dict[str, Path]
     probabilities: dict[str, Path] = field(default_factory=dict)
     folds: dict[str, int] = field(default_factory=dict)
+
+
+def check_output_folder(folder: Path) -> None:
+    """Refuse an output path that exists and is not a folder (before anything is read or written)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CompareInputError(f"-o {folder} is not a folder (a file of that name exists); pass a folder")
+
+
+REPORT_FILES = ("cases.csv", "lesions.csv", "summary.json", "report.md")
+
+
+def remove_report_files(folder: Path) -> list[Path]:
+    """Delete the report files of a run that failed while writing them (a full or read-only disk),
+    so that no half-written report is taken for a finished one; returns what was removed."""
+    removed = []
+    for name in REPORT_FILES:
+        path = Path(folder) / name
+        try:
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+        except OSError as e:
+            logger.warning("could not remove the partial report file %s: %s", path, e)
+    return removed
 
 
 def list_cases(folder: Path, file_ending: str = DEFAULT_FILE_ENDING) -> dict[str, Path]:
@@ -251,6 +342,7 @@ def discover_folder_cases(
     """Cases from ``--pred NAME=FOLDER`` folders; returns the cases and a description of the inputs."""
     predictions = {name: list_cases(folder, file_ending) for name, folder in prediction_folders.items()}
     cases = assemble_cases(predictions, gt_folder, pet_folder, pet_channel, file_ending)
+    check_pet_channel(Path(pet_folder).parent / "dataset.json", pet_channel)
     inputs = {
         "mode": "folders",
         "predictions": {name: str(Path(folder).resolve()) for name, folder in prediction_folders.items()},
@@ -395,6 +487,8 @@ def discover_nnunet_cases(
             raise CompareInputError("nnUNet_raw is not set; export it or pass --pet FOLDER")
         pet_folder = raw / dataset_name / "imagesTr"
     cases = assemble_cases(predictions, gt_folder, pet_folder, pet_channel, file_ending, fold_maps)
+    dataset_jsons = [Path(pet_folder).parent / "dataset.json"] + [f / "dataset.json" for f in folders.values()]
+    check_pet_channel(next((p for p in dataset_jsons if p.is_file()), None), pet_channel)
     inputs = {
         "mode": "nnunet",
         "dataset": dataset_name,
