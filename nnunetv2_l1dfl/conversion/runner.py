@@ -53,6 +53,9 @@ class ConversionSummary:
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    # Inputs the converter deliberately did not convert, with the reason (e.g. a non-attenuation-
+    # corrected PET next to the corrected one); ``skipped`` above are cases already finished.
+    skipped_with_reason: dict[str, str] = field(default_factory=dict)
     n_warnings: int = 0
     num_training: int = 0
     metadata_table: Path | None = None
@@ -61,7 +64,8 @@ class ConversionSummary:
     def line(self) -> str:
         return (
             f"{self.dataset_dir}: {len(self.converted)} converted, {len(self.skipped)} already done, "
-            f"{len(self.failed)} failed, {self.n_warnings} with warnings; numTraining {self.num_training}"
+            f"{len(self.failed)} failed, {len(self.skipped_with_reason)} skipped with a reason, "
+            f"{self.n_warnings} with warnings; numTraining {self.num_training}"
         )
 
 
@@ -87,12 +91,14 @@ def convert_cases(
     overwrite: bool = False,
     failed_before: Mapping[str, str] | None = None,
     progress: bool = True,
+    skipped_before: Mapping[str, str] | None = None,
 ) -> ConversionSummary:
     """Convert every job into ``spec``'s dataset; write dataset.json and the metadata table.
 
     Finished cases are skipped unless ``overwrite``; ``num_processes`` > 1 uses that many worker
     processes (spawned: ``load_case`` must be a module-level function). ``failed_before`` holds
-    cases the converter already could not turn into a job (reported alongside). Never raises for
+    cases the converter already could not turn into a job (reported alongside), ``skipped_before``
+    inputs it chose not to convert, with the reason (counted in the summary). Never raises for
     a single case; see ``summary.failed``.
     """
     from tqdm import tqdm
@@ -102,7 +108,9 @@ def convert_cases(
     if duplicates:
         raise ConversionError(f"duplicate case IDs {duplicates}: the converter produced the same ID twice")
     dataset_dir = prepare_dataset_dir(spec)
-    summary = ConversionSummary(dataset_dir=dataset_dir, failed=dict(failed_before or {}))
+    summary = ConversionSummary(
+        dataset_dir=dataset_dir, failed=dict(failed_before or {}), skipped_with_reason=dict(skipped_before or {})
+    )
     todo = []
     for job in jobs:
         if not overwrite and is_case_finished(dataset_dir, job.case_id):
