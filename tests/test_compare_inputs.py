@@ -131,7 +131,6 @@ def test_nan_in_npz_probabilities_names_the_file(tree, tmp_path, capsys):
     assert_one_line_error(code, out, err, str(bad), "NaN")
 
 
-@pytest.mark.xfail(strict=True, reason="waits for the full-read check of conversion.image_io.read_image")
 @pytest.mark.parametrize("which", ["gt", "prediction", "pet"])
 def test_truncated_image_is_refused(tree, tmp_path, capsys, which):
     folders = _folders(tree, tmp_path)
@@ -146,7 +145,6 @@ def test_truncated_image_is_refused(tree, tmp_path, capsys, which):
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="waits for the full-read check of conversion.image_io.read_image")
 def test_nan_in_pet_is_refused(tree, tmp_path, capsys):
     """SimpleITK's NIfTI reader turns NaN into 0; the PET must be read by a reader that keeps it."""
     folders = _folders(tree, tmp_path)

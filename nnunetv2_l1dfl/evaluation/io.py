@@ -91,16 +91,23 @@ def _round(values: tuple[float, ...]) -> tuple[float, ...]:
 def read_image(path: Path, kind: str = "label") -> tuple[np.ndarray, Geometry]:
     """Read a 3D image with SimpleITK as a (z, y, x) array and its geometry.
 
-    ``kind="label"`` returns an integer array (a float file must hold whole numbers);
-    ``kind="pet"`` returns float32.
+    ``kind="label"`` returns an integer array (a float file must hold whole numbers, none
+    negative); ``kind="pet"`` returns float32. The file is read whole and finite by the converters'
+    reader (:func:`nnunetv2_l1dfl.conversion.image_io.read_image`): a truncated or corrupt file and
+    NaN / inf voxels are refused naming the file, not zero-filled as SimpleITK alone would.
     """
     import SimpleITK as sitk
 
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
+    from nnunetv2_l1dfl.conversion.image_io import read_image as read_whole_image
+
     path = Path(path)
     try:
-        image = sitk.ReadImage(str(path), sitk.sitkFloat32 if kind == "pet" else sitk.sitkUnknown)
-    except RuntimeError as e:
-        raise CompareInputError(f"cannot read {path}: {str(e).strip().splitlines()[-1]}") from e
+        image = read_whole_image(path, "PET" if kind == "pet" else "label image")
+    except ConversionError as e:
+        raise CompareInputError(str(e)) from e
+    if kind == "pet":
+        image = sitk.Cast(image, sitk.sitkFloat32)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CompareInputError(
             f"{path}: expected a 3D single-component image, got {image.GetDimension()}D with "
