@@ -56,7 +56,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "monai>=1.3", "ruff>=0.4"],
+        "test": ["pytest>=7", "monai>=1.3", "ruff>=0.4", "pingouin>=0.5", "statsmodels>=0.14"],
     },
     entry_points={"console_scripts": ["l1dfl = nnunetv2_l1dfl.cli:main"]},
     cmdclass={"build_py": BuildPyWithTrainerHook},

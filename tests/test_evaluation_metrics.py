@@ -176,6 +176,30 @@ def test_missed_suvmax_voxel():
     assert ev.lesion_dice[0] == pytest.approx(34 / 35)
 
 
+def test_issue12_sphere_without_its_seven_central_voxels():
+    """Issue 12's example: a GT ball of radius 10 voxels (4169 voxels, hottest at the centre) and a
+    prediction of the whole ball except the centre and its 6 face neighbours (one component, a shell
+    around the hole). The paper's lesion DSC is 2 (N - 7) / (2N - 7) = 0.99916; the criterion-coupled
+    definition gives 0 because the prediction misses the SUVmax voxel (suvmax: FN)."""
+    r = np.arange(-12, 13)
+    ball = (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) <= 100
+    gt_mask = ball.copy()
+    suv = np.where(ball, 4.0, 1.0).astype(np.float32)
+    suv[12, 12, 12] = 9.0
+    pred = gt_mask.copy()
+    for dz, dy, dx in [(0, 0, 0), (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]:
+        pred[12 + dz, 12 + dy, 12 + dx] = False
+    n = int(ball.sum())
+    assert n == 4169
+    _, ev = score(gt_mask, pred, suv, "suvmax")
+    assert counts(ev) == (0, 0, 1) and ev.n_lesions_pred == 1
+    assert ev.lesion_dice[0] == pytest.approx(2 * (n - 7) / (2 * n - 7)) and ev.lesion_dice[0] > 0.999
+    _, old = score(gt_mask, pred, suv, "suvmax", lesion_dsc="criterion")
+    assert old.lesion_dice[0] == 0.0
+    with pytest.raises(ValueError, match="lesion DSC definition"):
+        score(gt_mask, pred, suv, lesion_dsc="union")
+
+
 def test_criterion_lesion_dice_is_zero_for_every_lesion_the_criterion_misses():
     """GT1 (z 1-2, y 1-3, x 1-3: 18 voxels, SUVmax at (2, 2, 2)) is covered on slice z = 1 only
     (9 voxels): overlap 9, IoU 9/18. GT2 (x 8-9 on (1, 1): 2 voxels) is predicted exactly. GT1's
