@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "nnunetv2_l1dfl.phantom.cli",  # phantom
     "nnunetv2_l1dfl.bench",  # bench
     "nnunetv2_l1dfl.demo",  # demo
+    "nnunetv2_l1dfl.predict.cli",  # predict
 )
 
 
