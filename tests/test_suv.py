@@ -239,8 +239,9 @@ def test_gml_is_taken_as_suv_and_philips_counts(tmp_path):
         ({"omit": ("RadiopharmaceuticalInformationSequence",)}, r"RadiopharmaceuticalInformationSequence \(0054,0016\)"),
         ({"omit": ("Units",)}, r"case_x: missing Units \(0054,1001\)"),
         ({"units": "PROPCNTS"}, r"Units \(0054,1001\) 'PROPCNTS'"),
-        ({"units": "CM2ML"}, r"CM2ML: the pixels are SUVbsa"),
-        ({"units": "GML", "SUVType": "LBM"}, r"SUVType \(0054,1006\) 'LBM'"),
+        ({"units": "CPS"}, r"CPS: the image is not dose calibrated"),
+        ({"units": "GML", "SUVType": "LBM", "omit": ("PatientSize",)}, r"missing PatientSize \(0010,1020\)"),
+        ({"units": "CM2ML", "omit": ("PatientWeight",)}, r"PatientWeight \(0010,1030\)"),
         ({"units": "CNTS"}, r"\(7053,1000\) or activity concentration scale factor \(7053,1009\)"),
         ({"decay_correction": "WEIRD"}, r"DecayCorrection \(0054,1102\) 'WEIRD'"),
         ({"injection_time": "113000"}, r"after the reference time"),  # full date-time after the scan

@@ -73,6 +73,18 @@ CONVERTERS = {
 }
 
 
+ALLOW_IMPLAUSIBLE_SUV_HELP = (
+    "convert a PET whose SUV is physiologically impossible anyway (weight, dose, uptake time or SUVmax "
+    "outside the bounds in docs/suv.md, e.g. a dose entered in kBq), recording each reason as a case "
+    "warning (case_metadata.csv warnings column); without it such a case fails naming the tag"
+)
+
+
+def add_implausible_suv_argument(parser: argparse.ArgumentParser) -> None:
+    """``--allow-implausible-suv``: accept an implausible SUV and record why (docs/suv.md)."""
+    parser.add_argument("--allow-implausible-suv", action="store_true", help=ALLOW_IMPLAUSIBLE_SUV_HELP)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments every converter shares (input, dataset ID and name, output, run control)."""
     parser.add_argument("input_dir", type=Path, help="the source folder")
@@ -109,6 +121,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "(repeat studies of one patient in one fold); without it the command to do so is printed",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_implausible_suv_argument(parser)
 
 
 def add_pseudonymize_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,13 +204,43 @@ def _run_converter(args: argparse.Namespace) -> int:
 
 
 def suv_entry(args: argparse.Namespace) -> int:
-    """``l1dfl suv``: one PET series to a SUVbw NIfTI, with the branch taken and statistics."""
+    """``l1dfl suv``: one PET series to a SUVbw NIfTI, with the branch taken and statistics.
+
+    Everything that can fail (the mask, the series, the SUV) is checked before the output is
+    written; the image goes to a hidden temporary name beside ``out``, is read back whole and only
+    then renamed, so a failed run leaves no output that looks complete. One-line errors, exit 1
+    (SUV refused, write failed) or 2 (bad arguments, series not found).
+    """
+    import os
+
     import numpy as np
     import SimpleITK as sitk
 
     from nnunetv2_l1dfl.conversion.dicom_series import discover_series
+    from nnunetv2_l1dfl.conversion.geometry import geometry_mismatch
     from nnunetv2_l1dfl.conversion.suv import SUVError, read_pet_suv
 
+    out = Path(args.out)
+    if out.is_dir():
+        print(f"error: output {out} is a folder; give a file name such as {out / 'suv.nii.gz'}", file=sys.stderr)
+        return 2
+    if not out.suffix:
+        print(f"error: output {out} has no file ending; give e.g. suv.nii.gz (.nii.gz, .nii, .mha, .nrrd)", file=sys.stderr)
+        return 2
+    if not Path(args.pet_series_dir).is_dir():
+        print(f"error: PET series folder not found: {args.pet_series_dir}", file=sys.stderr)
+        return 2
+    mask = None
+    if args.mask is not None:
+        if not Path(args.mask).is_file():
+            print(f"error: --mask {args.mask} not found", file=sys.stderr)
+            return 2
+        try:
+            mask = sitk.ReadImage(str(args.mask))
+        except RuntimeError as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+            print(f"error: --mask {args.mask} cannot be read: {reason}", file=sys.stderr)
+            return 2
     series, skipped = discover_series(args.pet_series_dir)
     pets = [s for s in series if s.modality == "PT"]
     if args.series_uid:
@@ -219,28 +262,44 @@ def suv_entry(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        result = read_pet_suv(pets[0], case_id=str(args.pet_series_dir), extra_half_lives=dict(args.nuclide or ()))
+        result = read_pet_suv(
+            pets[0], case_id=str(args.pet_series_dir), extra_half_lives=dict(args.nuclide or ()),
+            allow_implausible_suv=args.allow_implausible_suv,
+        )  # fmt: skip
     except SUVError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(
-        sitk.Cast(result.image, sitk.sitkFloat32), str(out), useCompression=out.name.endswith(".gz")
-    )
     values = sitk.GetArrayViewFromImage(result.image)
     where = "image"
-    if args.mask:
-        mask = sitk.ReadImage(str(args.mask))
-        from nnunetv2_l1dfl.conversion.geometry import geometry_mismatch
-
+    if mask is not None:
         problem = geometry_mismatch(mask, result.image, atol=1e-3)
         if problem:
             print(f"error: --mask {args.mask} is not on the PET grid ({problem})", file=sys.stderr)
             return 2
         values = values[sitk.GetArrayViewFromImage(mask) > 0]
         where = f"mask ({values.size} voxels)"
+
+    image = sitk.Cast(result.image, sitk.sitkFloat32)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial{''.join(out.suffixes[-2:])}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, str(tmp), useCompression=out.name.endswith(".gz"))
+        # SimpleITK does not raise on a short write (disk full): read everything back before the rename.
+        if not np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp))), sitk.GetArrayViewFromImage(image)):
+            raise OSError("the file read back differs from the image written (disk full?)")
+        os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. the parent is not a folder: there is nothing to remove
+            pass
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"error: cannot write {out}: {reason}", file=sys.stderr)
+        return 1
+
     print(f"SUV branch: {result.branch}")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     for key, value in result.details.items():
         print(f"  {key}: {value}")
     if values.size:
@@ -382,6 +441,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mask", type=Path, default=None, help="print the statistics inside this mask (on the PET grid)"
     )
     add_nuclide_argument(suv)
+    add_implausible_suv_argument(suv)
     suv.set_defaults(func=suv_entry)
 
     splits = subparsers.add_parser(

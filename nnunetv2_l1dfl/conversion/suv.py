@@ -58,6 +58,20 @@ logger = logging.getLogger(__name__)
 DOSE_MBQ_BELOW = 1e4  # a RadionuclideTotalDose below this was entered in MBq
 WEIGHT_GRAMS_ABOVE = 1000.0  # a PatientWeight above this was entered in grams
 BACK_COMPUTED_SPREAD_S = 5.0  # back-computed scan starts of all slices must agree within this
+
+# Plausibility bounds (docs/suv.md says why each is where it is). Outside them the SUV is an error
+# naming the likely tag, unless the user accepts it with --allow-implausible-suv (recorded).
+PLAUSIBLE_SUV_MAX = (1.0, 500.0)  # SUVmax of a whole image: blood pool ~1.5, PSMA kidneys/lesions < ~300
+PLAUSIBLE_WEIGHT_KG = (20.0, 350.0)  # adults and older children; 7.36 (for 73.6) is refused
+PLAUSIBLE_DOSE_MBQ = (30.0, 5000.0)  # Zr-89 immuno-PET ~37 MBq .. Rb-82 / O-15 water ~2.2 GBq
+MAX_UPTAKE_HALF_LIVES = 10.0  # injection to reference: 2**-10 of the dose left is no longer imaged
+PLAUSIBLE_HEIGHT_M = (0.5, 2.5)  # PatientSize (0010,1020), for LBM / IBW / BSA
+# SeriesDate/Time more than this before the earliest AcquisitionDate/Time is not this scan's start.
+MAX_SERIES_BEFORE_ACQUISITION_S = 3600.0
+# DecayFactor (0054,1321) cross-check: the time it implies may differ from (acquisition - reference)
+# by this plus the frame's mean-count time (vendors include the frame-duration factor or not).
+DECAY_FACTOR_TOLERANCE_S = 120.0
+MCI_IN_MBQ = 37.0
 PHILIPS_CREATOR = "Philips PET Private Group"
 GE_CREATOR = "GEMS_PETD_01"
 
@@ -77,6 +91,13 @@ TAGS = {
     "RadionuclideHalfLife": "(0018,1075)",
     "RadiopharmaceuticalStartTime": "(0018,1072)",
     "RadiopharmaceuticalStartDateTime": "(0018,1078)",
+    "Radiopharmaceutical": "(0018,0031)",
+    "PatientSize": "(0010,1020)",
+    "PatientSex": "(0010,0040)",
+    "CorrectedImage": "(0028,0051)",
+    "DoseCalibrationFactor": "(0054,1322)",
+    "SliceThickness": "(0018,0050)",
+    "DecayFactor": "(0054,1321)",
 }
 
 # Physical half-lives (s) of the radionuclides PET images are made with (NNDC / DDEP values).
@@ -144,12 +165,16 @@ class SUVResult:
         injection_time (ISO strings), seconds_injection_to_reference, units, decay_correction,
         suv_type, tracer, radionuclide (CodeMeaning as written), nuclide (e.g. ``"F-18"``, the one
         the half-life was checked against; decay-corrected branches only), scanner (manufacturer
-        and model), suv_max.
+        and model), suv_max; for GML/CM2ML other than BW, normalization_factor (kg, or m2 for BSA)
+        and height_m; for CPS, voxel_ml.
+    warnings: set only with ``allow_implausible_suv``: each implausible value accepted, for the
+        case's warnings column.
     """
 
     image: sitk.Image
     branch: str
     details: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def suv_bw_scale(
@@ -169,6 +194,86 @@ def suv_bw_scale(
         raise ValueError(f"seconds_injection_to_reference must be >= 0, got {seconds_injection_to_reference!r}")
     decayed_dose = injected_dose_bq * 2.0 ** (-seconds_injection_to_reference / half_life_s)
     return weight_kg * 1000.0 / decayed_dose
+
+
+def _duration(seconds: float) -> str:
+    """'20.0 days', '23.0 h', '3.5 min', '12 s'."""
+    magnitude = abs(seconds)
+    if magnitude >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if magnitude >= 2 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    if magnitude >= 120:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s"
+
+
+def suv_plausibility_problems(
+    suv_max: float,
+    *,
+    weight_kg: float | None = None,
+    dose_bq: float | None = None,
+    dose_as_written: float | None = None,
+    uptake_s: float | None = None,
+    half_life_s: float | None = None,
+    nuclide: str = "",
+    units: str = "",
+    reference: str = "the reference time",
+) -> list[str]:
+    """What makes an SUV physiologically impossible, each naming the likely tag; [] when plausible.
+
+    suv_max: the largest SUVbw of the image. The other values are checked when given (those the
+    SUV was computed from): weight_kg (after the grams fix), dose_bq (after the MBq fix;
+    dose_as_written is the value before it, for the mCi hint), uptake_s (injection to the time the
+    images are decay-corrected to) with half_life_s and nuclide, units (Units (0054,1001), '' for
+    a source already in SUV) to say what a bad SUVmax most likely means. Bounds:
+    :data:`PLAUSIBLE_SUV_MAX`, :data:`PLAUSIBLE_WEIGHT_KG`, :data:`PLAUSIBLE_DOSE_MBQ`,
+    :data:`MAX_UPTAKE_HALF_LIVES`; why each is where it is: docs/suv.md.
+    """
+    problems = []
+    if weight_kg is not None:
+        low, high = PLAUSIBLE_WEIGHT_KG
+        if not low <= weight_kg <= high:
+            hint = ""
+            if low <= weight_kg * 10 <= high:
+                hint = f" (a decimal slip for {weight_kg * 10:g} kg?)"
+            elif weight_kg > high and low <= weight_kg / 2.20462 <= high:
+                hint = " (pounds?)"
+            problems.append(f"PatientWeight (0010,1030) {weight_kg:g} kg is outside {low:g}-{high:g} kg{hint}")
+    if dose_bq is not None:
+        low, high = PLAUSIBLE_DOSE_MBQ
+        mbq = dose_bq / 1e6
+        if not low <= mbq <= high:
+            hint = ""
+            if dose_as_written is not None and dose_as_written < DOSE_MBQ_BELOW and low <= dose_as_written * MCI_IN_MBQ <= high:
+                hint = f" (entered in mCi? {dose_as_written:g} mCi = {dose_as_written * MCI_IN_MBQ:.4g} MBq)"
+            elif low <= mbq * 1000 <= high:
+                hint = f" (entered in kBq? {dose_bq:g} kBq = {mbq * 1000:.4g} MBq)"
+            problems.append(
+                f"RadionuclideTotalDose (0018,1074) {mbq:.4g} MBq (as written: {dose_as_written if dose_as_written is not None else dose_bq:g}) "
+                f"is outside {low:g}-{high:g} MBq{hint}"
+            )
+    if uptake_s is not None and half_life_s:
+        limit = MAX_UPTAKE_HALF_LIVES * half_life_s
+        if uptake_s > limit:
+            problems.append(
+                f"{_duration(uptake_s)} from injection (RadiopharmaceuticalStartDateTime (0018,1078) / "
+                f"RadiopharmaceuticalStartTime (0018,1072)) to {reference} is more than "
+                f"{MAX_UPTAKE_HALF_LIVES:g} half-lives of {nuclide or 'the radionuclide'} ({_duration(limit)}): "
+                "check the injection date and time"
+            )
+    low, high = PLAUSIBLE_SUV_MAX
+    if not (low <= suv_max <= high):  # also catches NaN
+        if units in ("GML", "CM2ML"):
+            cause = f"Units (0054,1001) {units}: are the pixels Bq/ml rather than SUV?"
+        elif not units:
+            cause = "is the PET in SUVbw (not Bq/ml), and were weight and dose right when it was made?"
+        elif suv_max > high:
+            cause = "check RadionuclideTotalDose (0018,1074) (kBq? mCi?), PatientWeight (0010,1030) and the injection time"
+        else:
+            cause = "check PatientWeight (0010,1030) (a decimal slip?) and RadionuclideTotalDose (0018,1074)"
+        problems.append(f"SUVmax {suv_max:.4g} is outside {low:g}-{high:g} ({cause})")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,16 +427,21 @@ def read_pet_suv(
     series: DicomSeries | Sequence[Path] | Path,
     case_id: str = "",
     extra_half_lives: Mapping[str, float] | None = None,
+    allow_implausible_suv: bool = False,
 ) -> SUVResult:
     """Read a PET series and convert it to SUVbw (see the module docstring for the decision tree).
 
     series: a discovered ``DicomSeries``, its files, or a folder holding only that series' slices.
     case_id: named in errors and logs. extra_half_lives: nuclide name -> half-life (s) added to
     :data:`PET_HALF_LIVES_S` for the half-life check, for a tracer labelled with a nuclide the table
-    lacks (``--nuclide Sc-44=14292``); a name already there replaces its value. Returns the float32 SUV image on the PET grid, the branch taken
-    and the values used. Raises ``SUVError`` naming the case and the DICOM attribute and tag when a
-    value the branch needs is missing, unreadable or differs between slices, or when the series is
-    not one regular volume.
+    lacks (``--nuclide Sc-44=14292``); a name already there replaces its value.
+    allow_implausible_suv: convert even when :func:`suv_plausibility_problems` finds the weight,
+    dose, uptake time or SUVmax impossible (``--allow-implausible-suv``); each problem is then in
+    ``SUVResult.warnings`` and the branch ends ``implausible-accepted``. Without it they raise.
+    Returns the float32 SUV image on the PET grid, the branch taken and the values used. Raises
+    ``SUVError`` naming the case and the DICOM attribute and tag when a value the branch needs is
+    missing, unreadable, implausible or differs between slices, or when the series is not one
+    regular volume.
     """
     if isinstance(series, DicomSeries):
         files = list(series.files)
@@ -356,7 +466,25 @@ def read_pet_suv(
     modality = header.text("Modality")
     if modality != "PT":
         raise header.error(f"Modality (0008,0060) is {modality!r}, not 'PT'")
+    half_lives = {**PET_HALF_LIVES_S, **check_half_lives(extra_half_lives or {})}
+    result, used = _convert(stack, header, half_lives)
+    problems = suv_plausibility_problems(result.details["suv_max"], **used)
+    if problems:
+        if not allow_implausible_suv:
+            raise header.error(
+                f"implausible SUV: {'; '.join(problems)}. If the header is right after all, convert anyway "
+                "with --allow-implausible-suv (recorded as a case warning)"
+            )
+        result.warnings = [f"implausible SUV accepted (--allow-implausible-suv): {p}" for p in problems]
+        result.branch += "|implausible-accepted"
+        for warning in result.warnings:
+            logger.warning("%s: %s", case, warning)
+    return result
 
+
+def _convert(stack: Any, header: _Header, half_lives: Mapping[str, float]) -> tuple[SUVResult, dict[str, Any]]:
+    """The decision tree; returns the result and the values to check for plausibility."""
+    case = header.case
     activity = stack.array.astype(np.float32, copy=True)  # (z, y, x)
     units = header.text("Units", required=True).upper()
     details: dict[str, Any] = {
@@ -368,27 +496,14 @@ def read_pet_suv(
         "scanner": " ".join(v for v in (header.text("Manufacturer"), header.text("ManufacturerModelName")) if v),
     }
     branch: list[str] = []
+    used: dict[str, Any] = {"units": units}
 
-    if units == "GML":
-        suv_type = details["suv_type"]
-        if suv_type == "BW":
-            branch.append("GML|SUVType=BW")
-        elif not suv_type:
-            branch.append("GML|SUVType-absent-assumed-BW")
-            logger.warning("%s: Units GML without SUVType (0054,1006); taken as SUVbw", case)
-        else:
-            raise header.error(
-                f"Units (0054,1001) GML with SUVType (0054,1006) {suv_type!r}: SUV{suv_type.lower()} "
-                "cannot be turned into SUVbw without the vendor's formula; export the series in BQML"
-            )
+    if units in ("GML", "CM2ML"):
         _record_optional(header, details)
-        return _result(stack, activity, branch, details, case)
-    if units == "CM2ML":
-        raise header.error(
-            "Units (0054,1001) CM2ML: the pixels are SUVbsa (body-surface-area SUV, cm2/ml). Converting "
-            "to SUVbw needs the BSA formula the scanner used, which DICOM does not record; refused rather "
-            "than guessed. Export the series with Units BQML"
-        )
+        weight_kg = _normalized_to_body_weight(header, activity, units, details, branch)
+        if weight_kg is not None:
+            used["weight_kg"] = weight_kg
+        return _result(stack, activity, branch, details, case), used
     if units == "CNTS":
         suv_factor = header.private(0x7053, 0x1000, PHILIPS_CREATOR, "PHILIPS")
         activity_factor = header.private(0x7053, 0x1009, PHILIPS_CREATOR, "PHILIPS")
@@ -398,7 +513,7 @@ def read_pet_suv(
             branch.append("CNTS|Philips-SUV-scale-factor(7053,1000)")
             _record_optional(header, details)
             details["philips_suv_scale_factor"] = float(factors[0])
-            return _result(stack, activity, branch, details, case)
+            return _result(stack, activity, branch, details, case), used
         if activity_factor is None:
             raise header.error(
                 "Units (0054,1001) CNTS without the Philips SUV scale factor (7053,1000) or activity "
@@ -408,31 +523,38 @@ def read_pet_suv(
         activity *= factors[:, None, None]
         details["philips_activity_scale_factor"] = float(factors[0])
         branch.append("CNTS|Philips-activity-scale-factor(7053,1009)")
+    elif units == "CPS":
+        _cps_to_bqml(header, stack, activity, details, branch)
     elif units == "BQML":
         branch.append("BQML")
     else:
-        raise header.error(f"Units (0054,1001) {units!r} is not one of BQML, CNTS, GML, CM2ML")
+        raise header.error(f"Units (0054,1001) {units!r} is not one of BQML, CNTS, CPS, GML, CM2ML")
 
     # From here on the activity is in Bq/ml.
     fixes: list[str] = []
-    half_lives = {**PET_HALF_LIVES_S, **check_half_lives(extra_half_lives or {})}
     weight_kg, dose_bq, half_life_s = _weight_dose_half_life(header, details, fixes, half_lives)
+    used.update(
+        weight_kg=weight_kg, dose_bq=dose_bq, dose_as_written=dose_bq / 1e6 if "dose_MBq_fixed" in fixes else dose_bq,
+        half_life_s=half_life_s, nuclide=details["nuclide"],
+    )  # fmt: skip
     decay_correction = details["decay_correction"]
     decay_constant = math.log(2.0) / half_life_s
     if decay_correction == "ADMIN":
         branch.append("ADMIN")
-        injection = _injection_time(header, reference=None, branch=None)
+        injection = _injection_time(header, None, None, half_life_s)
         details["injection_time"] = injection.isoformat() if injection else ""
         scale = suv_bw_scale(weight_kg, dose_bq, half_life_s, 0.0)
         details["decay_factor"] = 1.0
         activity *= np.float32(scale)
     elif decay_correction == "START":
         branch.append("START")
-        reference, how = _reference_time(header, decay_constant)
+        reference, how, tags = _reference_time(header, decay_constant)
         branch.append(how)
-        injection = _injection_time(header, reference, branch)
+        _check_decay_factor(header, reference, decay_constant, tags)
+        injection = _injection_time(header, reference, branch, half_life_s)
         seconds = (reference - injection).total_seconds()
         _check_interval(header, seconds, "reference")
+        used.update(uptake_s=seconds, reference=f"the reference time {reference.isoformat()} ({tags})")
         scale = suv_bw_scale(weight_kg, dose_bq, half_life_s, seconds)
         details.update(
             reference_time=reference.isoformat(), injection_time=injection.isoformat(),
@@ -452,7 +574,7 @@ def read_pet_suv(
                 raise header.error(f"{path.name}: DecayCorrection NONE needs ActualFrameDuration (0018,1242)")
             times.append(when)
             durations.append(float(duration) / 1000.0)
-        injection = _injection_time(header, min(times), branch)
+        injection = _injection_time(header, min(times), branch, half_life_s)
         factors = np.empty(len(times), dtype=np.float64)
         for k, (when, duration_s) in enumerate(zip(times, durations)):
             seconds = (when - injection).total_seconds()
@@ -463,6 +585,10 @@ def read_pet_suv(
             factors[k] = frame_factor * math.exp(decay_constant * seconds) * weight_kg * 1000.0 / dose_bq
         activity *= factors.astype(np.float32)[:, None, None]
         decay = [math.exp(-decay_constant * (t - injection).total_seconds()) for t in times]
+        used.update(
+            uptake_s=(max(times) - injection).total_seconds(),
+            reference="the last AcquisitionDate/AcquisitionTime (0008,0022/0032)",
+        )  # fmt: skip
         details.update(
             injection_time=injection.isoformat(), reference_time="per slice (AcquisitionTime)",
             seconds_injection_to_reference=[(min(times) - injection).total_seconds(), (max(times) - injection).total_seconds()],
@@ -473,7 +599,7 @@ def read_pet_suv(
     else:
         raise header.error(f"DecayCorrection (0054,1102) {decay_correction!r} is not one of START, ADMIN, NONE")
     branch.extend(fixes)
-    return _result(stack, activity, branch, details, case)
+    return _result(stack, activity, branch, details, case), used
 
 
 def _result(stack: Any, suv: np.ndarray, branch: list[str], details: dict, case: str) -> SUVResult:
@@ -506,9 +632,8 @@ def _per_slice_private(header: _Header, group: int, element: int, name: str) -> 
     return np.asarray(values, dtype=np.float64)
 
 
-def _weight_dose_half_life(
-    header: _Header, details: dict, fixes: list[str], half_lives: Mapping[str, float]
-) -> tuple[float, float, float]:
+def _weight_kg(header: _Header, fixes: list[str]) -> float:
+    """PatientWeight (0010,1030) in kg (a value above 1000 was entered in grams)."""
     weight = header.number("PatientWeight")
     if weight is None or weight <= 0:
         raise header.error(f"PatientWeight (0010,1030) is {weight!r}; SUVbw needs the body weight")
@@ -516,6 +641,149 @@ def _weight_dose_half_life(
         logger.warning("%s: PatientWeight (0010,1030) %s taken as grams", header.case, weight)
         weight /= 1000.0
         fixes.append("weight_g_fixed")
+    return weight
+
+
+# SUVType (0054,1006) -> (male, female) factor in kg; W kg, H cm, BMI kg/m2 (IBSI SUV manual, Sugawara).
+_LBM_IBW_KG = {
+    "LBM": (lambda w, h: 1.10 * w - 120.0 * (w / h) ** 2, lambda w, h: 1.07 * w - 148.0 * (w / h) ** 2),
+    "LBMJAMES128": (lambda w, h: 1.10 * w - 128.0 * (w / h) ** 2, lambda w, h: 1.07 * w - 148.0 * (w / h) ** 2),
+    "LBMJANMA": (
+        lambda w, h: 9270.0 * w / (6680.0 + 216.0 * w / (h / 100.0) ** 2),
+        lambda w, h: 9270.0 * w / (8780.0 + 244.0 * w / (h / 100.0) ** 2),
+    ),
+    "IBW": (lambda w, h: 48.0 + 1.06 * (h - 152.0), lambda w, h: 45.5 + 0.91 * (h - 152.0)),
+}
+
+
+def body_surface_area_m2(weight_kg: float, height_cm: float) -> float:
+    """Du Bois: BSA (m2) = 0.007184 * H(cm)**0.725 * W(kg)**0.425 (the formula DICOM CM2ML uses)."""
+    return 0.007184 * height_cm**0.725 * weight_kg**0.425
+
+
+def normalization_factor(suv_type: str, weight_kg: float, height_cm: float, sex: str = "") -> float:
+    """The factor F of SUV_F = Ac x F / D: kg for LBM, LBMJAMES128, LBMJANMA, IBW (sex M, F, or O:
+    the mean of the two), m2 for BSA (Du Bois, no sex). ValueError for another SUVType or sex."""
+    if suv_type == "BSA":
+        return body_surface_area_m2(weight_kg, height_cm)
+    male, female = _LBM_IBW_KG[suv_type]
+    if sex == "M":
+        return male(weight_kg, height_cm)
+    if sex == "F":
+        return female(weight_kg, height_cm)
+    if sex == "O":  # IBSI: no consensus; the mean of the sex-specific factors
+        return (male(weight_kg, height_cm) + female(weight_kg, height_cm)) / 2.0
+    raise ValueError(f"sex must be M, F or O, got {sex!r}")
+
+
+def _normalized_to_body_weight(
+    header: _Header, activity: np.ndarray, units: str, details: dict, branch: list[str]
+) -> float | None:
+    """Units GML / CM2ML to SUVbw in place: SUVbw = SUV_F x W / F; the weight used (None for BW)."""
+    suv_type = details["suv_type"]
+    if units == "GML":
+        if suv_type == "BW":
+            branch.append("GML|SUVType=BW")
+            return None
+        if not suv_type:
+            branch.append("GML|SUVType-absent-assumed-BW")
+            logger.warning("%s: Units GML without SUVType (0054,1006); taken as SUVbw", header.case)
+            return None
+        if suv_type == "BSA":
+            raise header.error(
+                "Units (0054,1001) GML with SUVType (0054,1006) 'BSA': body-surface-area SUV is in cm2/ml "
+                "(Units CM2ML), so the two contradict each other"
+            )
+        if suv_type not in _LBM_IBW_KG:
+            raise header.error(
+                f"Units (0054,1001) GML with SUVType (0054,1006) {suv_type!r}: not one of BW, LBM, LBMJAMES128, "
+                "LBMJANMA, IBW (the DICOM GML types)"
+            )
+        branch.append(f"GML|SUVType={suv_type}")
+    else:
+        if suv_type and suv_type != "BSA":
+            raise header.error(
+                f"Units (0054,1001) CM2ML with SUVType (0054,1006) {suv_type!r}: CM2ML is SUVbsa (cm2/ml), "
+                "so the two contradict each other"
+            )
+        branch.append("CM2ML|SUVType=BSA" if suv_type else "CM2ML|SUVType-absent-assumed-BSA")
+        suv_type = "BSA"
+    fixes: list[str] = []
+    weight_kg = _weight_kg(header, fixes)
+    height_m = header.number("PatientSize", required=False)
+    if height_m is None:
+        raise header.error(f"missing PatientSize (0010,1020) (height in m): SUVType {suv_type} needs it for SUVbw")
+    low, high = PLAUSIBLE_HEIGHT_M
+    if not low <= height_m <= high:
+        hint = " (it looks like centimetres; the tag holds metres)" if 50 <= height_m <= 250 else ""
+        raise header.error(f"PatientSize (0010,1020) {height_m:g} m is outside {low:g}-{high:g} m{hint}")
+    sex = ""
+    if suv_type != "BSA":
+        sex = header.text("PatientSex").upper()
+        if not sex:
+            raise header.error(f"missing PatientSex (0010,0040): SUVType {suv_type} differs between M and F")
+        if sex not in ("M", "F", "O"):
+            raise header.error(f"PatientSex (0010,0040) {sex!r} is not M, F or O (needed by SUVType {suv_type})")
+        branch.append(f"PatientSex={sex}")
+    factor = normalization_factor(suv_type, weight_kg, height_m * 100.0, sex)
+    if not (factor > 0 and math.isfinite(factor)):
+        raise header.error(
+            f"SUVType (0054,1006) {suv_type} gives a factor of {factor:.4g} for PatientWeight (0010,1030) "
+            f"{weight_kg:g} kg and PatientSize (0010,1020) {height_m:g} m: not a body"
+        )
+    # SUV_F = Ac * F / D with F in g (LBM, IBW) or cm2 (BSA); SUVbw = Ac * W(g) / D.
+    factor_consistent = factor * 1e4 if suv_type == "BSA" else factor * 1000.0
+    activity *= np.float32(weight_kg * 1000.0 / factor_consistent)
+    branch.extend(fixes)
+    details.update(weight_kg=weight_kg, height_m=height_m, normalization_factor=factor)
+    return weight_kg
+
+
+def _cps_to_bqml(header: _Header, stack: Any, activity: np.ndarray, details: dict, branch: list[str]) -> None:
+    """Units CPS to Bq/ml in place (IBSI SUV manual): dose calibrated (DCAL in CorrectedImage) /
+    voxel volume (ml); else x DoseCalibrationFactor (0054,1322) / voxel volume. The corrections an
+    activity image needs (ATTN; DECY unless DecayCorrection NONE) must be listed in CorrectedImage."""
+    header.text("CorrectedImage")  # all slices must agree
+    corrected = header.first.get("CorrectedImage") or []
+    corrected = [str(corrected)] if isinstance(corrected, str) else [str(c) for c in corrected]
+    names = {c.strip().upper() for c in corrected}
+    needed = ["ATTN"] + (["DECY"] if details["decay_correction"] in ("START", "ADMIN") else [])
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise header.error(
+            f"Units (0054,1001) CPS: CorrectedImage (0028,0051) {corrected} lacks {', '.join(missing)}: counts "
+            "per second without these corrections are not an activity concentration"
+        )
+    if "DCAL" in names:
+        factor, how = 1.0, "DCAL"
+    else:
+        factor = header.number("DoseCalibrationFactor", required=False)
+        if factor is None:
+            raise header.error(
+                "Units (0054,1001) CPS: the image is not dose calibrated (no DCAL in CorrectedImage (0028,0051)) "
+                "and has no DoseCalibrationFactor (0054,1322): counts per second cannot be turned into Bq/ml"
+            )
+        if not factor > 0:
+            raise header.error(f"DoseCalibrationFactor (0054,1322) is {factor:g}")
+        how = "DoseCalibrationFactor(0054,1322)"
+        details["dose_calibration_factor"] = factor
+    slice_spacing = float(stack.spacing[2])
+    thickness = header.number("SliceThickness", required=False)
+    if thickness is not None and len(stack.files) > 1 and abs(thickness / slice_spacing - 1.0) > 0.01:
+        raise header.error(
+            f"Units (0054,1001) CPS: SliceThickness (0018,0050) {thickness:g} mm differs from the slice spacing "
+            f"{slice_spacing:g} mm (ImagePositionPatient): the voxel volume that turns counts into Bq/ml is ambiguous"
+        )
+    voxel_ml = float(stack.spacing[0]) * float(stack.spacing[1]) * (thickness or slice_spacing) / 1000.0
+    activity *= np.float32(factor / voxel_ml)
+    details["voxel_ml"] = voxel_ml
+    branch.append(f"CPS|{how}|voxel-volume({voxel_ml:.4g}ml)")
+
+
+def _weight_dose_half_life(
+    header: _Header, details: dict, fixes: list[str], half_lives: Mapping[str, float]
+) -> tuple[float, float, float]:
+    weight = _weight_kg(header, fixes)
     if header.rp is None:
         raise header.error("missing RadiopharmaceuticalInformationSequence (0054,0016): no dose, half-life or injection time")
     dose = header.number("RadionuclideTotalDose")
@@ -577,23 +845,49 @@ def _nuclide_from_text(text: str) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _identify_nuclide(header: _Header) -> tuple[str, str] | None:
-    """(nuclide, where it was read) from RadionuclideCodeSequence (0054,0300), else Radionuclide (0018,0030)."""
+def _named_nuclides(header: _Header) -> list[tuple[str, str]]:
+    """Every (nuclide, where it was read) the header names, in order of trust: the code or meaning
+    of RadionuclideCodeSequence (0054,0300), Radionuclide (0018,0030), the tracer name
+    Radiopharmaceutical (0018,0031) ("18F-DCFPyL", "[68Ga]Ga-PSMA-11"), and the meaning of
+    RadiopharmaceuticalCodeSequence (0054,0304)."""
+    found = []
     items = header.rp.get("RadionuclideCodeSequence") if header.rp is not None else None
     for item in items or []:
         code = str(item.get("CodeValue", "")).strip().upper()
         if code in RADIONUCLIDE_CODES:
-            return RADIONUCLIDE_CODES[code], f"RadionuclideCodeSequence (0054,0300) code {code}"
+            found.append((RADIONUCLIDE_CODES[code], f"RadionuclideCodeSequence (0054,0300) code {code}"))
+            continue
         meaning = str(item.get("CodeMeaning", "")).strip()
         nuclide = _nuclide_from_text(meaning)
         if nuclide:
-            return nuclide, f"RadionuclideCodeSequence (0054,0300) meaning {meaning!r}"
+            found.append((nuclide, f"RadionuclideCodeSequence (0054,0300) meaning {meaning!r}"))
     for source in (header.rp, header.first):  # (0018,0030) is retired; exports put it in either place
         text = str(source.get("Radionuclide", "") or "").strip() if source is not None else ""
         nuclide = _nuclide_from_text(text)
         if nuclide:
-            return nuclide, f"Radionuclide (0018,0030) {text!r}"
-    return None
+            found.append((nuclide, f"Radionuclide (0018,0030) {text!r}"))
+            break
+    if header.rp is not None:
+        text = str(header.rp.get("Radiopharmaceutical", "") or "").strip()
+        nuclide = _nuclide_from_text(text)
+        if nuclide:
+            found.append((nuclide, f"Radiopharmaceutical (0018,0031) {text!r}"))
+        for item in header.rp.get("RadiopharmaceuticalCodeSequence") or []:
+            meaning = str(item.get("CodeMeaning", "")).strip()
+            nuclide = _nuclide_from_text(meaning)
+            if nuclide:
+                found.append((nuclide, f"RadiopharmaceuticalCodeSequence (0054,0304) meaning {meaning!r}"))
+    return found
+
+
+def _identify_nuclide(header: _Header) -> tuple[str, str] | None:
+    """(nuclide, where it was read), the first of :func:`_named_nuclides`; ``SUVError`` when the
+    fields name different nuclides (one of them is wrong, and so may be the half-life)."""
+    found = _named_nuclides(header)
+    if len({nuclide for nuclide, _ in found}) > 1:
+        listed = "; ".join(f"{where} names {nuclide}" for nuclide, where in found)
+        raise header.error(f"contradictory radionuclide in RadiopharmaceuticalInformationSequence (0054,0016): {listed}")
+    return found[0] if found else None
 
 
 def _unit_hint(half_life_s: float, candidates: dict[str, float]) -> str:
@@ -625,8 +919,9 @@ def _check_half_life(header: _Header, half_life_s: float, half_lives: Mapping[st
     listed = ", ".join(f"{n} {t:.8g} s" for n, t in half_lives.items())
     raise header.error(
         f"RadionuclideHalfLife (0018,1075) is {half_life_s:g} s, which matches no known PET radionuclide "
-        f"within {100 * HALF_LIFE_REL_TOL:g} % and neither RadionuclideCodeSequence (0054,0300) nor "
-        f"Radionuclide (0018,0030) names one{_unit_hint(half_life_s, half_lives)}; known: {listed}. A tracer "
+        f"within {100 * HALF_LIFE_REL_TOL:g} % and no nuclide is named in RadionuclideCodeSequence (0054,0300), "
+        f"Radionuclide (0018,0030) or Radiopharmaceutical (0018,0031){_unit_hint(half_life_s, half_lives)}; "
+        f"known: {listed}. A tracer "
         "labelled with another nuclide: declare it, e.g. --nuclide Sc-44=14292 (seconds)"
     )
 
@@ -641,12 +936,18 @@ def _record_optional(header: _Header, details: dict) -> None:
             details[key] = None
 
 
-def _reference_time(header: _Header, decay_constant: float) -> tuple[dt.datetime, str]:
-    """Scan start for DecayCorrection START, and the rule that gave it (for the branch)."""
+def _reference_time(header: _Header, decay_constant: float) -> tuple[dt.datetime, str, str]:
+    """Scan start for DecayCorrection START, the rule that gave it (for the branch) and its tags.
+
+    SeriesDate/Time is used when it is not after the earliest AcquisitionDate/Time and at most
+    :data:`MAX_SERIES_BEFORE_ACQUISITION_S` before it (further before, it is not this scan's start:
+    a real header had it 20 days early); else the GE scan start (0009,100D); else back-computed.
+    """
     acquisitions = [header.per_slice_datetime(ds, p) for ds, p in zip(header.datasets, header.files)]
     acquisitions = [a for a in acquisitions if a is not None]
     earliest = min(acquisitions) if acquisitions else None
     series_time = header.text("SeriesTime")
+    rejected, why_not_series = "", "there is no SeriesTime (0008,0031)"
     if series_time:
         date = header.text("SeriesDate") or header.text("AcquisitionDate", consistent=False) or header.text("StudyDate")
         if not date:
@@ -655,29 +956,54 @@ def _reference_time(header: _Header, decay_constant: float) -> tuple[dt.datetime
             series = dt.datetime.combine(_parse_date(date), _parse_time(series_time))
         except ValueError as e:
             raise header.error(f"unreadable SeriesDate/SeriesTime (0008,0021/0031): {e}") from None
-        if earliest is None or series <= earliest:
-            return series, "SeriesTime"
-        logger.info("%s: SeriesTime %s after the earliest AcquisitionTime %s", header.case, series, earliest)
+        gap_s = (earliest - series).total_seconds() if earliest is not None else 0.0
+        if 0 <= gap_s <= MAX_SERIES_BEFORE_ACQUISITION_S:
+            return series, "SeriesTime", "SeriesDate/SeriesTime (0008,0021/0031)"
+        if gap_s < 0:
+            why_not_series = "SeriesDate/SeriesTime (0008,0021/0031) is after the earliest AcquisitionTime (0008,0032)"
+        else:
+            why_not_series = (
+                f"SeriesDate/SeriesTime (0008,0021/0031) {series.isoformat()} is {_duration(gap_s)} before the earliest "
+                f"AcquisitionDate/AcquisitionTime (0008,0022/0032) {earliest.isoformat()}, so it is not this scan's start"
+            )
+            rejected = f"SeriesTime-rejected({_duration(gap_s)} before AcquisitionTime)|"
+        logger.info("%s: %s", header.case, why_not_series)
     ge_start = header.private(0x0009, 0x100D, GE_CREATOR, "GE")
     if ge_start is not None:
         try:
             value = ge_start.value.decode("ascii") if isinstance(ge_start.value, bytes) else str(ge_start.value)
-            return _parse_datetime(value.strip("\x00 ")), "GE-private(0009,100D)"
+            when = _parse_datetime(value.strip("\x00 "))
         except ValueError as e:
             raise header.error(f"unreadable GE private scan start (0009,100D): {ge_start.value!r} ({e})") from None
+        return when, f"{rejected}GE-private(0009,100D)", "GE private scan start (0009,100D)"
     if not acquisitions:
-        raise header.error("DecayCorrection START without SeriesTime (0008,0031) or AcquisitionTime (0008,0032)")
-    starts = []
+        raise header.error(f"DecayCorrection START: {why_not_series} and there is no AcquisitionTime (0008,0032)")
+    frames = []
     for ds, path in zip(header.datasets, header.files):
-        when = header.per_slice_datetime(ds, path)
         duration, frame_reference = ds.get("ActualFrameDuration"), ds.get("FrameReferenceTime")
         if duration in (None, "") or frame_reference in (None, ""):
             raise header.error(
-                f"{path.name}: SeriesTime (0008,0031) is after AcquisitionTime and there is no GE scan start "
-                "(0009,100D); back-computing the scan start needs ActualFrameDuration (0018,1242) and "
-                "FrameReferenceTime (0054,1300)"
+                f"{path.name}: {why_not_series} and there is no GE scan start (0009,100D); back-computing the "
+                "scan start needs ActualFrameDuration (0018,1242) and FrameReferenceTime (0054,1300)"
             )
-        offset_s = float(frame_reference) / 1000.0 - _average_count_time_s(float(duration) / 1000.0, decay_constant)
+        when = header.per_slice_datetime(ds, path)
+        if when is None:
+            raise header.error(f"{path.name}: back-computing the scan start needs AcquisitionTime (0008,0032) on every slice")
+        frames.append((when, float(duration) / 1000.0, float(frame_reference) / 1000.0, path))
+    # FrameReferenceTime is the offset from the reference to the time the pixel values occurred:
+    # usually the frame's mean-count time (QIBA: reference = acquisition + T_ave - FrameReferenceTime),
+    # but a series with a FrameReferenceTime of 0 measures it to the frame start (0 cannot be a
+    # mean-count time, which is > 0): then reference = acquisition - FrameReferenceTime.
+    to_frame_start = any(reference == 0 for _, _, reference, _ in frames)
+    starts = []
+    for when, duration_s, reference_s, path in frames:
+        offset_s = reference_s if to_frame_start else reference_s - _average_count_time_s(duration_s, decay_constant)
+        if offset_s < -1e-3:
+            raise header.error(
+                f"{path.name}: FrameReferenceTime (0054,1300) {reference_s * 1000:g} ms is shorter than the mean-count "
+                f"time of its {duration_s:g} s frame (ActualFrameDuration (0018,1242)): the scan start would be after "
+                "the frame start"
+            )
         starts.append(when - dt.timedelta(seconds=offset_s))
     spread = (max(starts) - min(starts)).total_seconds()
     if spread > BACK_COMPUTED_SPREAD_S:
@@ -685,11 +1011,52 @@ def _reference_time(header: _Header, decay_constant: float) -> tuple[dt.datetime
             f"back-computed scan starts differ by {spread:.1f} s between slices (AcquisitionTime (0008,0032), "
             "ActualFrameDuration (0018,1242), FrameReferenceTime (0054,1300) contradict each other)"
         )
-    return min(starts) + (max(starts) - min(starts)) / 2, "back-computed(AcquisitionTime,FrameReferenceTime)"
+    how = "back-computed(AcquisitionTime,FrameReferenceTime" + ("=frame-start)" if to_frame_start else ")")
+    tags = "back-computed from AcquisitionTime (0008,0032) and FrameReferenceTime (0054,1300)"
+    return min(starts) + (max(starts) - min(starts)) / 2, rejected + how, tags
 
 
-def _injection_time(header: _Header, reference: dt.datetime | None, branch: list[str] | None) -> dt.datetime | None:
-    """Injection date-time; for ADMIN (``branch`` None) only recorded, so absent is not an error."""
+def _check_decay_factor(header: _Header, reference: dt.datetime, decay_constant: float, tags: str) -> None:
+    """DecayFactor (0054,1321) of each slice against the reference (DecayCorrection START).
+
+    A slice decay-corrected to ``reference`` has DecayFactor exp(lambda (acquisition - reference)),
+    times the frame-duration factor on most scanners; the time it implies must lie in
+    [acquisition - reference, + mean-count time] within :data:`DECAY_FACTOR_TOLERANCE_S`. A factor
+    of exactly 1 is what writers put when they do not record it (all 12 IBSI DROs): not checked.
+    """
+    for ds, path in zip(header.datasets, header.files):
+        raw = ds.get("DecayFactor")
+        when = header.per_slice_datetime(ds, path)
+        if raw in (None, "") or when is None:
+            continue
+        try:
+            factor = float(raw)
+        except (TypeError, ValueError):
+            raise header.error(f"{path.name}: DecayFactor (0054,1321) is not a number: {raw!r}") from None
+        if factor == 1.0 or not (factor > 0 and math.isfinite(factor)):
+            continue
+        duration = ds.get("ActualFrameDuration")
+        mean_count_s = _average_count_time_s(float(duration) / 1000.0, decay_constant) if duration not in (None, "") else 0.0
+        implied_s = math.log(factor) / decay_constant
+        expected_s = (when - reference).total_seconds()
+        if not expected_s - DECAY_FACTOR_TOLERANCE_S <= implied_s <= expected_s + mean_count_s + DECAY_FACTOR_TOLERANCE_S:
+            raise header.error(
+                f"{path.name}: DecayFactor (0054,1321) {factor:g} means the image was decay-corrected to "
+                f"{_duration(implied_s)} before its AcquisitionTime (0008,0032), but the reference time from {tags} "
+                f"({reference.isoformat()}) is {_duration(expected_s)} before it: contradictory reference times"
+            )
+
+
+def _injection_time(
+    header: _Header, reference: dt.datetime | None, branch: list[str] | None, half_life_s: float
+) -> dt.datetime | None:
+    """Injection date-time; for ADMIN (``branch`` None) only recorded, so absent is not an error.
+
+    A RadiopharmaceuticalStartTime (0018,1072) without date goes on the reference date; if that is
+    after the reference, the day before (midnight crossing) only when the uptake this gives is one
+    the plausibility check accepts (else it is an error: the times contradict each other), and only
+    for nuclides whose plausible uptake is shorter than a day (else the date is needed).
+    """
     start_datetime = header.text("RadiopharmaceuticalStartDateTime")
     if start_datetime:
         try:
@@ -707,9 +1074,15 @@ def _injection_time(header: _Header, reference: dt.datetime | None, branch: list
             "no injection time: RadiopharmaceuticalStartDateTime (0018,1078) and RadiopharmaceuticalStartTime "
             "(0018,1072) both missing in RadiopharmaceuticalInformationSequence (0054,0016)"
         )
-    date = header.text("SeriesDate") or header.text("StudyDate")
-    if not date and reference is not None:
-        date = reference.strftime("%Y%m%d")
+    limit_s = MAX_UPTAKE_HALF_LIVES * half_life_s
+    if branch is not None and limit_s > 86400.0:
+        raise header.error(
+            f"RadiopharmaceuticalStartTime (0018,1072) {start_time} has no date, and with a half-life of "
+            f"{_duration(half_life_s)} the scan may be days after the injection: RadiopharmaceuticalStartDateTime "
+            "(0018,1078) is needed"
+        )
+    date = reference.strftime("%Y%m%d") if reference is not None else ""
+    date = date or header.text("SeriesDate") or header.text("StudyDate")
     if not date:
         raise header.error("RadiopharmaceuticalStartTime (0018,1072) without SeriesDate (0008,0021) to place it on")
     try:
@@ -719,7 +1092,17 @@ def _injection_time(header: _Header, reference: dt.datetime | None, branch: list
     if branch is not None:
         branch.append("RadiopharmaceuticalStartTime")
     if reference is not None and injection > reference:
-        injection -= dt.timedelta(days=1)  # the scan crossed midnight after the injection
+        crossed = injection - dt.timedelta(days=1)
+        uptake_s = (reference - crossed).total_seconds()
+        if branch is not None and uptake_s > limit_s:
+            raise header.error(
+                f"RadiopharmaceuticalStartTime (0018,1072) {injection.time().isoformat()} is "
+                f"{_duration((injection - reference).total_seconds())} after the reference time "
+                f"{reference.isoformat()}; reading it as the day before (a midnight crossing) would mean "
+                f"{_duration(uptake_s)} of uptake, more than {MAX_UPTAKE_HALF_LIVES:g} half-lives "
+                f"({_duration(limit_s)}): contradictory times (RadiopharmaceuticalStartDateTime (0018,1078) would say)"
+            )
+        injection = crossed  # the scan crossed midnight after the injection
         if branch is not None:
             branch.append("midnight-crossing")
     return injection
@@ -731,5 +1114,3 @@ def _check_interval(header: _Header, seconds: float, what: str) -> None:
             f"injection ({TAGS['RadiopharmaceuticalStartDateTime']}/{TAGS['RadiopharmaceuticalStartTime']}) is "
             f"{-seconds:.0f} s after the {what} time: contradictory times"
         )
-    if seconds > 24 * 3600:
-        logger.warning("%s: %.1f h between injection and %s time", header.case, seconds / 3600, what)
