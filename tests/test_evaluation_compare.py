@@ -126,6 +126,35 @@ def test_compare_nnunet_results_end_to_end(nnunet_env, tmp_path, capsys):
     for name in figures:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
+    # quantification agreement (per patient, prediction - GT). The candidate equals the GT: every
+    # difference 0, equivalent; SUVmax is undefined on case_03 (no GT lesion) and left out.
+    agreement = summary["agreement"]["biomarkers"]
+    same = agreement["suv_max"]["trainers"][CANDIDATE]
+    assert (same["n"], same["n_excluded_no_gt"], same["n_excluded_no_pred"]) == (9, 1, 0)
+    assert same["bland_altman"]["bias"] == 0.0 and same["tost"]["equivalent"] and same["tost"]["p_value"] == 0.0
+    assert agreement["tmtv"]["trainers"][CANDIDATE]["ccc"]["ccc"] == 1.0
+    # the reference misses LESION_B on case_01 (-0.036 ml, -1 lesion) and adds one voxel on case_02
+    # and case_03 (+0.002 ml, +1 lesion each); its SUVmean on case_02 drops from 56/18 to 57/19
+    ref = {name: agreement[name]["trainers"][REFERENCE] for name in agreement}
+    assert ref["tmtv"]["n"] == 10 and ref["tmtv"]["bland_altman"]["bias"] == pytest.approx(-0.032 / 10)
+    assert ref["lesion_count"]["bland_altman"]["bias"] == pytest.approx(0.1)
+    assert ref["suv_mean"]["bland_altman"]["bias"] == pytest.approx((57 / 19 - 56 / 18) / 9)
+    assert ref["tmtv"]["delta"] == pytest.approx(0.2 * np.mean([len(CASE_LESIONS[c]) * 0.036 for c in CASE_LESIONS]))
+    assert ref["dmax"]["n"] == 9 and ref["suv_max"]["bland_altman"]["bias"] == 0.0
+    error_test = ref["tmtv"]  # reference row: no test of its own
+    assert "absolute_error_test" not in error_test
+    tmtv_test = agreement["tmtv"]["trainers"][CANDIDATE]["absolute_error_test"]
+    p_tmtv = wilcoxon(np.zeros(3), [0.036, 0.002, 0.002], alternative="less").pvalue
+    assert tmtv_test["p_value"] == pytest.approx(p_tmtv) and tmtv_test["family_size"] == 6
+    assert tmtv_test["p_bonferroni"] == pytest.approx(min(1.0, 6 * p_tmtv))
+    for title in ("## Quantification agreement", "### SUVmax", "### TLA (= TLG)", "### Lesion spread Dmax", "TOST"):
+        assert title in report, title
+    assert {f"bland_altman_{name}.png" for name in agreement} <= set(figures)
+    cases_header = read_csv(out / "cases.csv")[0]
+    assert {"suv_max_gt", "suv_max_pred", "suv_mean_pred", "dmax_pred_mm"} <= set(cases_header)
+    assert {"suv_peak", "suv_peak_at_max", "tlg", "pred_lesion_id", "n_overlapping_pred"} <= set(lesions[0])
+    assert summary["options"]["lesion_dsc"] == "paper" and summary["options"]["equivalence_margin"] == 0.2
+
     # nothing is silently overwritten
     code, printed = run(["-d", "987", "-tr", REFERENCE, CANDIDATE, "-o", str(out)], capsys)
     assert code == 2 and "--overwrite" in printed
@@ -168,11 +197,16 @@ def _folder_args(tree, folders, out) -> list[str]:
 
 def test_prediction_folders_mode_and_case_set_errors(tree, tmp_path, capsys):
     folders = _folders(tree, tmp_path)
-    args = [*_folder_args(tree, folders, tmp_path / "ok"), "--no-plots", "--criterion", "overlap", "-np", "1"]
+    args = [*_folder_args(tree, folders, tmp_path / "ok"), "--no-plots", "--criterion", "overlap", "-np", "1",
+            "--lesion-dsc", "criterion", "--equivalence-margin", "0.1", "--tdi-coverage", "0.8"]  # fmt: skip
     code, printed = run(args, capsys)
     assert code == 0, printed
     summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
     assert summary["inputs"]["mode"] == "folders" and summary["options"]["criterion"] == "overlap"
+    assert summary["options"]["lesion_dsc"] == "criterion" and summary["agreement"]["margin"] == 0.1
+    assert summary["agreement"]["biomarkers"]["tmtv"]["trainers"][REFERENCE]["tdi"]["coverage"] == 0.8
+    lesions = read_csv(tmp_path / "ok" / "lesions.csv")
+    assert all(r["pred_lesion_id"] == "" for r in lesions)  # criterion: the union, no single component
     assert summary["figures"] == [] and not list((tmp_path / "ok").glob("*.png"))
 
     (folders[CANDIDATE] / "case_04.nii.gz").unlink()
@@ -228,3 +262,32 @@ def test_evaluate_case_arrays_scores_one_label_and_its_probability_channel():
     calibration = result.calibration["b"].summary()
     assert calibration["n_voxels"] == 64 and calibration["n_incorrect"] == 0
     assert calibration["confidence_correct"] == pytest.approx((8 * 0.7 + 56 * 0.85) / 64, rel=1e-6)
+
+
+def test_paper_lesion_dsc_rows_per_matched_pair_and_lesions_counted_once():
+    """GT lesion 1 (z 1-2, y 1-6, x 1-2: 24 voxels) split by trainer "a" into two 8-voxel
+    components, GT lesion 2 (8 voxels) predicted exactly. Paper: lesions.csv has a row per matched
+    pair (DSC 2*8/32 twice, 1.0), the detection rate still counts 2 lesions; criterion: one row per GT
+    lesion (the union, 2*16/40)."""
+    from nnunetv2_l1dfl.evaluation.compare import CompareOptions, evaluate_case_arrays
+    from nnunetv2_l1dfl.evaluation.summary import build_summary
+
+    gt = np.zeros((6, 12, 12), dtype=np.uint8)
+    gt[1:3, 1:7, 1:3] = 1
+    gt[1:3, 9:11, 8:10] = 1
+    suv = np.ones(gt.shape, dtype=np.float32)
+    suv[1, 1, 1] = 9.0
+    suv[1, 9, 8] = 7.0
+    split = gt.copy()
+    split[1:3, 3:5, 1:3] = 0
+    for lesion_dsc, expected in (("paper", [(1, 1, 0.5), (1, 2, 0.5), (2, 3, 1.0)]), ("criterion", [(1, None, 0.8), (2, None, 1.0)])):
+        options = CompareOptions(plots=False, lesion_dsc=lesion_dsc)
+        result = evaluate_case_arrays("c", gt, suv, {"a": split, "b": gt}, (2.0, 1.0, 1.0), options)
+        rows = [r for r in result.lesion_rows if r["trainer"] == "a"]
+        assert [(r["lesion_id"], r["pred_lesion_id"], pytest.approx(r["dice"])) for r in rows] == expected
+        assert [r["n_overlapping_pred"] for r in rows][0] == 2
+        summary = build_summary(result.case_rows, result.lesion_rows, {}, ["a", "b"], options, {})
+        assert summary["lesions"]["a"]["n_lesions"] == 2 and summary["lesions"]["a"]["n_detected"] == 2
+        assert summary["lesions"]["a"]["n_dice_units"] == len(expected)
+        assert summary["lesions"]["a"]["dice"]["median"] == pytest.approx(np.median([d for *_, d in expected]))
+        assert sum(b["n_lesions"] for b in summary["strata"]["lesion_volume_bins"]["bins"]) == 2

@@ -115,7 +115,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"declared family of Wilcoxon tests (default: {' '.join(DEFAULT_TEST_METRICS)})",
     )  # fmt: skip
     st.add_argument("--zero-method", choices=ZERO_METHODS, default="wilcox", help="Wilcoxon zero differences (default: wilcox)")
-    st.add_argument("--alpha", type=float, default=0.05, help="significance level after Bonferroni (default: 0.05)")
+    st.add_argument(
+        "--alpha", type=float, default=0.05, help="significance level after Bonferroni and of TOST (default: 0.05)"
+    )
+    st.add_argument(
+        "--equivalence-margin", type=float, default=0.2,
+        help="TOST bound and coverage-probability limit as a fraction of each biomarker's mean GT (default: 0.2)",
+    )  # fmt: skip
+    st.add_argument("--tdi-coverage", type=float, default=0.9, help="coverage of the total deviation index (default: 0.9)")
     c = p.add_argument_group("calibration (from <case>.npz written by nnU-Net --npz)")
     c.add_argument("--no-calibration", action="store_true", help="ignore probability files")
     c.add_argument(
@@ -169,6 +176,8 @@ def compare_entry(args: argparse.Namespace) -> int:
             test_metrics=tuple(args.test_metrics),
             zero_method=args.zero_method,
             alpha=args.alpha,
+            equivalence_margin=args.equivalence_margin,
+            tdi_coverage=args.tdi_coverage,
             calibration=not args.no_calibration,
             calibration_region=args.calibration_region,
             calibration_margin_voxels=args.calibration_margin,

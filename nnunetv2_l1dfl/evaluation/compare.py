@@ -59,7 +59,10 @@ class CompareOptions:
         lesion_volume_quantiles / lesion_volume_edges_ml: lesion volume bins of the lesion table.
         test_metrics: the declared family of the Wilcoxon tests.
         zero_method: scipy's treatment of zero differences in the Wilcoxon test.
-        alpha: significance level on Bonferroni-adjusted p-values.
+        alpha: significance level on Bonferroni-adjusted p-values, and of the TOST equivalence tests.
+        equivalence_margin: TOST bound and coverage-probability limit as a fraction of the mean GT
+            value of each biomarker (the paper's 20 %).
+        tdi_coverage: coverage of the total deviation index (0.9: TDI_0.9).
         calibration: use ``<case>.npz`` probabilities when present.
         calibration_region / calibration_margin_voxels / calibration_bins: see calibration.py.
         geometry_tolerance: absolute tolerance on spacing/origin (mm) and direction cosines.
@@ -83,6 +86,8 @@ class CompareOptions:
     test_metrics: tuple[str, ...] = DEFAULT_TEST_METRICS
     zero_method: str = "wilcox"
     alpha: float = 0.05
+    equivalence_margin: float = 0.2
+    tdi_coverage: float = 0.9
     calibration: bool = True
     calibration_region: str = "lesion_roi"
     calibration_margin_voxels: int = 3
@@ -124,6 +129,8 @@ class CompareOptions:
         check(not unknown, f"test_metrics {unknown} unknown; choose from {sorted(METRIC_DIRECTIONS)}")
         check(self.zero_method in ZERO_METHODS, f"zero_method must be one of {ZERO_METHODS}")
         check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
+        check(self.equivalence_margin > 0, f"equivalence_margin must be > 0, got {self.equivalence_margin}")
+        check(0 < self.tdi_coverage < 1, f"tdi_coverage must be in (0, 1), got {self.tdi_coverage}")
         check(self.calibration_region in CALIBRATION_REGIONS, f"calibration_region must be one of {CALIBRATION_REGIONS}")
         check(self.calibration_margin_voxels >= 0, "calibration_margin_voxels must be >= 0")
         check(self.calibration_bins >= 1, "calibration_bins must be >= 1")

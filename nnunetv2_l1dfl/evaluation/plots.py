@@ -197,6 +197,42 @@ def draw_reliability(calibration: dict, out_dir: Path) -> list[str]:
     return names
 
 
+def draw_bland_altman(case_rows: list[dict], summary: dict, out_dir: Path) -> list[str]:
+    """One Bland-Altman figure per biomarker (``bland_altman_<biomarker>.png``), one panel per
+    trainer: prediction - GT against the mean of the two, with the bias and the 95 % limits of
+    agreement of ``summary["agreement"]``; cases where the biomarker is undefined are not drawn."""
+    from nnunetv2_l1dfl.evaluation.agreement import BIOMARKER_TITLES, BIOMARKERS
+
+    if not summary.get("agreement"):
+        return []
+    plt = _pyplot()
+    trainers = summary["trainers"]
+    names: list[str] = []
+    colours = _colours(len(trainers))
+    for name, (gt_column, pred_column, unit) in BIOMARKERS.items():
+        fig, axes = plt.subplots(1, len(trainers), figsize=(4.2 * len(trainers), 3.8), sharey=True, squeeze=False)
+        for i, trainer in enumerate(trainers):
+            ax = axes[0, i]
+            rows = [r for r in case_rows if r["trainer"] == trainer]
+            gt = np.array([r[gt_column] for r in rows], dtype=np.float64)
+            pred = np.array([r[pred_column] for r in rows], dtype=np.float64)
+            keep = np.isfinite(gt) & np.isfinite(pred)
+            ax.axhline(0, color="lightgray", lw=1, zorder=0)
+            ax.scatter((gt[keep] + pred[keep]) / 2, pred[keep] - gt[keep], s=14, color=colours[i], alpha=0.8)
+            ba = summary["agreement"]["biomarkers"][name]["trainers"][trainer]["bland_altman"]
+            for level, style in ((ba["bias"], "-"), (ba["loa_low"], "--"), (ba["loa_high"], "--")):
+                if level is not None and math.isfinite(level):
+                    ax.axhline(level, color="k", linestyle=style, lw=1.2)
+            ax.set_title(f"{trainer} (n = {int(keep.sum())})", fontsize=9)
+            ax.set_xlabel(f"mean of prediction and GT ({unit})")
+            if i == 0:
+                ax.set_ylabel(f"prediction - GT ({unit})")
+        fig.suptitle(f"Bland-Altman: {BIOMARKER_TITLES[name]} (bias solid, 95 % limits of agreement dashed)", fontsize=10)
+        fig.tight_layout()
+        _save(fig, out_dir, f"bland_altman_{name}.png", names)
+    return names
+
+
 def cases_with_largest_disagreement(case_rows: list[dict], trainers: list[str], n: int) -> list[str]:
     """Case IDs ranked by the spread (max - min) of DSC between trainers, largest first; only cases
     where the trainers differ. A NaN DSC (empty GT and prediction) counts as 1 for the ranking."""
@@ -249,6 +285,7 @@ def draw_all(case_rows, lesion_rows, summary, cases, out_dir: Path, options) -> 
     out_dir = Path(out_dir)
     names = draw_boxplots(case_rows, lesion_rows, summary, out_dir)
     names += draw_reliability(summary["calibration"], out_dir)
+    names += draw_bland_altman(case_rows, summary, out_dir)
     by_id = {case.case_id: case for case in cases}
     for case_id in cases_with_largest_disagreement(case_rows, summary["trainers"], options.mip_cases):
         names.append(draw_mip(by_id[case_id], case_rows, summary["trainers"], out_dir, options.label))

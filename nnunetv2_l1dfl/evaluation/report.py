@@ -245,6 +245,9 @@ def render_report(summary: dict) -> str:
             )  # fmt: skip
         )
 
+    if summary.get("agreement"):
+        out.append("\n\n" + agreement_markdown(summary))
+
     out.append("\n\n## Calibration\n")
     calibration = summary["calibration"]
     if calibration:
@@ -274,6 +277,62 @@ def render_report(summary: dict) -> str:
     out.append("\n")
     out.append(_markdown_table(["Policy", "In force"], [[k, v] for k, v in summary["policies"].items()]))
     out.append(f"\n\nWritten by {summary['tool']} {summary['version']}.\n")
+    return "\n".join(out)
+
+
+def _interval(value, low, high, digits: int) -> str:
+    if _is_missing(value):
+        return "n/a"
+    if _is_missing(low) or _is_missing(high):
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+def agreement_markdown(summary: dict) -> str:
+    """The quantification-agreement section of report.md: one table per biomarker."""
+    from nnunetv2_l1dfl.evaluation.agreement import BIOMARKER_TITLES
+
+    agreement = summary["agreement"]
+    margin, alpha = agreement["margin"], agreement["alpha"]
+    coverage = agreement["tdi_coverage"]
+    out = ["## Quantification agreement with the GT (per patient)\n"]
+    out.append(
+        "Differences are prediction - GT. CCC: Lin's concordance correlation coefficient [95 % CI, Fisher z]. "
+        "Bias [95 % limits of agreement] (Bland-Altman), absolute and in % of the pair's mean. "
+        f"TDI: total deviation index at {coverage:g} coverage (95 % upper bound); CP: coverage probability "
+        f"of +-Delta; TOST: equivalence within +-Delta, Delta = {margin:g} x mean GT, alpha = {alpha} "
+        f"(p and verdict). p |err|: one-sided Wilcoxon that the trainer's absolute errors are smaller "
+        f"than the reference's, Bonferroni over trainers x biomarkers; * p < {alpha}. Cases where the "
+        "biomarker is undefined (no GT / no predicted lesion) are left out and counted.\n"
+    )
+    header = ["Trainer", "n (no GT / no pred)", "CCC [95 % CI]", "Bias [LoA]", "Bias % [LoA]", "TDI (upper)",
+              "CP(±Delta)", "TOST p", "Equivalent", "p abs err"]  # fmt: skip
+    for name, entry in agreement["biomarkers"].items():
+        unit = entry["unit"]
+        rows = []
+        delta = None
+        for trainer, a in entry["trainers"].items():
+            delta = a["delta"] if delta is None else delta
+            ba, pct, tdi, tost = a["bland_altman"], a["bland_altman"]["percent"], a["tdi"], a["tost"]
+            test = a.get("absolute_error_test")
+            if trainer == summary["reference"]:
+                p = "ref"
+            elif test is None:
+                p = ""
+            else:
+                p = fmt_p(test["p_bonferroni"]) + (" *" if test["significant"] else "")
+            rows.append(
+                [trainer, f"{a['n']} ({a['n_excluded_no_gt']} / {a['n_excluded_no_pred']})",
+                 _interval(a["ccc"]["ccc"], a["ccc"]["ci_low"], a["ccc"]["ci_high"], 3),
+                 _interval(ba["bias"], ba["loa_low"], ba["loa_high"], 3),
+                 _interval(pct["bias"], pct["loa_low"], pct["loa_high"], 1),
+                 f"{fmt(tdi['tdi'], 3)} ({fmt(tdi['tdi_upper'], 3)})",
+                 fmt(a["coverage_probability"]["cp"], 3), fmt_p(tost["p_value"]),
+                 ("yes" if tost["equivalent"] else "no") if not _is_missing(tost["p_value"]) else "n/a", p]
+            )  # fmt: skip
+        title = BIOMARKER_TITLES.get(name, name)
+        out.append(f"### {title} ({unit}; Delta = {fmt(delta, 3)} {unit})\n")
+        out.append(_markdown_table(header, rows) + "\n")
     return "\n".join(out)
 
 

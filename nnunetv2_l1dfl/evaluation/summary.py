@@ -310,11 +310,49 @@ def policies(options) -> dict:
         f"with NaN dropped; zero_method={options.zero_method}; all-zero differences give p = 1; "
         f"Bonferroni over the declared family; alpha = {options.alpha}",
         "predictions": "scored as found (raw validation/ or given folders); no postprocessing applied",
+        "agreement": "per patient, prediction against GT: SUVmax / SUVmean over all lesion voxels of the "
+        "case, TLA = total TLG, TMTV, lesion count, Dmax; a case where a biomarker is undefined (SUVmax, "
+        "SUVmean, Dmax without GT or without predicted lesions) is left out of that biomarker and counted; "
+        "differences are prediction - GT; Lin's CCC with a Fisher-z 95 % CI (Lin's delta-method SE); "
+        "Bland-Altman bias +- 1.96 sd, percent relative to the pair's mean; TDI at "
+        f"{options.tdi_coverage:g} coverage and coverage probability of +-Delta (Lin 2000, normal "
+        f"approximation); TOST on the paired differences with bounds +-Delta, Delta = "
+        f"{options.equivalence_margin:g} x mean GT of the included cases, alpha = {options.alpha}; "
+        "absolute errors compared with the reference by one-sided Wilcoxon (H1: smaller), Bonferroni over "
+        "trainers x biomarkers",
         "calibration_region": (
             f"GT dilated by a cube of +-{options.calibration_margin_voxels} voxels plus the predicted foreground"
             if options.calibration_region == "lesion_roi"
             else "the whole volume"
         ),
+    }
+
+
+def _agreement(table: _CaseTable, options) -> dict:
+    from nnunetv2_l1dfl.evaluation.agreement import BIOMARKERS, absolute_error_tests, biomarker_agreement
+
+    gt = {b: table.gt_values(g).astype(np.float64) for b, (g, _, _) in BIOMARKERS.items()}
+    predicted = {t: {b: table.values(t, p) for b, (_, p, _) in BIOMARKERS.items()} for t in table.trainers}
+    biomarkers = {}
+    for name, (_, _, unit) in BIOMARKERS.items():
+        biomarkers[name] = {
+            "unit": unit,
+            "trainers": {
+                t: biomarker_agreement(
+                    gt[name], predicted[t][name], options.equivalence_margin, options.alpha, options.tdi_coverage
+                )
+                for t in table.trainers
+            },
+        }
+    tests = absolute_error_tests(gt, predicted, table.trainers[0], tuple(BIOMARKERS), options.zero_method, options.alpha)
+    for row in tests:
+        biomarkers[row["biomarker"]]["trainers"][row["trainer"]]["absolute_error_test"] = row
+    return {
+        "margin": options.equivalence_margin,
+        "alpha": options.alpha,
+        "tdi_coverage": options.tdi_coverage,
+        "biomarkers": biomarkers,
+        "absolute_error_tests": tests,
     }
 
 
@@ -391,5 +429,6 @@ def build_summary(
             "lesion_volume_bins": _lesion_bins(lesion_rows, trainers, edges["lesion_volume_edges_ml"], options),
         },
         "statistics": statistics,
+        "agreement": _agreement(table, options),
         "calibration": calibration,
     }
