@@ -27,6 +27,7 @@ import argparse
 import csv
 import logging
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,44 +81,174 @@ def parse_roi_labels(items: Sequence[str] | None) -> tuple[dict[str, int], dict[
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_attenuation_corrected(series: DicomSeries) -> bool:
-    """CorrectedImage (0028,0051) contains ATTN; series without the attribute count as corrected."""
-    import pydicom
+def attenuation_problem(pet: DicomSeries) -> str:
+    """'' when the PET's CorrectedImage (0028,0051) lists ATTN, else the reason naming file and tag.
 
-    try:
-        ds = pydicom.dcmread(series.files[0], stop_before_pixels=True, specific_tags=["CorrectedImage"])
-    except Exception:  # unreadable here means unreadable later: the case fails then, with the reason
-        return True
-    corrected = ds.get("CorrectedImage")
-    if corrected is None:
-        return True
-    values = [corrected] if isinstance(corrected, str) else list(corrected)
-    return "ATTN" in {str(v).strip().upper() for v in values}
+    A PET without attenuation correction has no quantitative activity: its SUV would be wrong.
+    """
+    if pet.corrected_image is not None and "ATTN" in pet.corrected_image:
+        return ""
+    values = "absent" if pet.corrected_image is None else "\\".join(pet.corrected_image) or "empty"
+    return f"{pet.files[0]}: CorrectedImage (0028,0051) is {values}, without ATTN: not attenuation-corrected"
 
 
 def _describe(series: DicomSeries) -> str:
     return f"{series.modality} series {series.series_instance_uid} ({series.series_description or 'no description'}, {len(series.files)} files)"
 
 
+def _person_name(name: str) -> str:
+    """PatientName compared the way people write it: case, spaces and empty trailing components ignored."""
+    alphabetic = name.split("=")[0]
+    return "^".join(part.strip().upper() for part in alphabetic.split("^")).rstrip("^")
+
+
+def identity_conflict(a: DicomSeries, b: DicomSeries) -> str:
+    """'' when two series may belong to one person, else the tag they contradict each other on.
+
+    An empty value contradicts nothing; names are compared ignoring case and trailing '^'. The
+    values themselves are not put in the message (they identify the patient).
+    """
+    for keyword, tag, x, y in (
+        ("PatientID", "(0010,0020)", a.patient_id, b.patient_id),
+        ("PatientName", "(0010,0010)", _person_name(a.patient_name), _person_name(b.patient_name)),
+        ("PatientBirthDate", "(0010,0030)", a.patient_birth_date, b.patient_birth_date),
+    ):
+        if x and y and x != y:
+            return (
+                f"{keyword} {tag} differs between {a.modality} series {a.series_instance_uid} ({a.files[0]}) and "
+                f"{b.modality} series {b.series_instance_uid} ({b.files[0]})"
+            )
+    return ""
+
+
+def patient_id_conflicts(all_series: Sequence[DicomSeries]) -> dict[str, str]:
+    """PatientIDs that name more than one person (PatientName / PatientBirthDate contradict): the reason.
+
+    Such studies must not be merged into one patient (one split group) by their ID.
+    """
+    by_id: dict[str, list[DicomSeries]] = {}
+    for series in all_series:
+        if series.patient_id:
+            by_id.setdefault(series.patient_id, []).append(series)
+    conflicts = {}
+    for patient_id, members in by_id.items():
+        for i, a in enumerate(members):
+            reason = next((r for b in members[i + 1 :] if (r := identity_conflict(a, b))), "")
+            if reason:
+                conflicts[patient_id] = (
+                    f"one PatientID (0010,0020) for different patients: {reason}; not merged into one patient "
+                    "(fix the headers, or name each study's patient in the patient column of --manifest)"
+                )
+                break
+    return conflicts
+
+
+def split_series_problems(pets: Sequence[DicomSeries]) -> dict[str, str]:
+    """PET series whose files share a folder, study, frame of reference and SeriesNumber (0020,0011)
+    with another PET series: one series whose files disagree on SeriesInstanceUID (0020,000E).
+
+    A stray file with a corrupt UID would otherwise become a one-slice case and leave its series a
+    slice short. Keyed by SeriesInstanceUID, the reason names both UIDs and a file of each.
+    """
+    groups: dict[tuple[str, str, str, Path], list[DicomSeries]] = {}
+    for pet in pets:
+        if not pet.series_number:
+            continue
+        for folder in sorted({f.parent for f in pet.files}):
+            key = (pet.study_instance_uid, pet.frame_of_reference_uid, pet.series_number, folder)
+            groups.setdefault(key, []).append(pet)
+    problems: dict[str, str] = {}
+    for (_, _, number, folder), members in groups.items():
+        if len(members) < 2:
+            continue
+        listed = "; ".join(
+            f"{m.series_instance_uid} ({len(m.files)} files, e.g. {m.files[0].name})" for m in members
+        )
+        for m in members:
+            problems.setdefault(
+                m.series_instance_uid,
+                f"{folder}: PET files of one series (SeriesNumber (0020,0011) {number}) carry "
+                f"{len(members)} SeriesInstanceUIDs (0020,000E): {listed}",
+            )
+    return problems
+
+
+def _pet_problem(
+    pet: DicomSeries, conflicts: Mapping[str, str], split: Mapping[str, str], allow_nac: bool
+) -> tuple[str, list[str]]:
+    """Why this PET series cannot be converted ('' if it can), and the warnings to record if it is."""
+    if pet.problem:
+        return pet.problem, []
+    if pet.series_instance_uid in split:
+        return split[pet.series_instance_uid], []
+    if pet.patient_id in conflicts:
+        return conflicts[pet.patient_id], []
+    nac = attenuation_problem(pet)
+    if nac and not allow_nac:
+        return f"{nac} (--allow-non-attenuation-corrected converts it anyway, recorded as a warning)", []
+    return "", [f"{nac}; converted with --allow-non-attenuation-corrected"] if nac else []
+
+
+def _partner_problem(pet: DicomSeries, other: DicomSeries, role: str) -> str:
+    """Why the CT or mask series chosen for ``pet`` cannot be used with it ('' if it can)."""
+    if other.problem:
+        return f"{role} {_describe(other)}: {other.problem}"
+    conflict = identity_conflict(pet, other)
+    return f"PET and {role} are not of one patient: {conflict}" if conflict else ""
+
+
 def pair_studies(
-    all_series: Sequence[DicomSeries], allow_missing_mask: bool = False
+    all_series: Sequence[DicomSeries],
+    allow_missing_mask: bool = False,
+    allow_non_attenuation_corrected: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """One entry per attenuation-corrected PET: ``{"pet", "ct", "mask"}`` (mask None only with
-    ``allow_missing_mask``), plus failures keyed by PET SeriesInstanceUID with their reason."""
-    pets = [s for s in all_series if s.modality == "PT"]
+    """:func:`pair_pet_series` without the skipped series (logged): ``(entries, failed)``."""
+    pairs, failed, skipped = pair_pet_series(all_series, allow_missing_mask, allow_non_attenuation_corrected)
+    for uid, reason in skipped.items():
+        logger.info("skipped PET series %s: %s", uid, reason)
+    return pairs, failed
+
+
+def pair_pet_series(
+    all_series: Sequence[DicomSeries],
+    allow_missing_mask: bool = False,
+    allow_non_attenuation_corrected: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, str]]:
+    """Pair each PET series with its CT and mask: ``(entries, failed, skipped)``.
+
+    entries: ``{"pet", "ct", "mask", "warnings"}`` (mask None only with ``allow_missing_mask``);
+    failed and skipped: reasons keyed by PET SeriesInstanceUID. Every series with a PET file ends
+    in exactly one of the three. Skipped: a PET without ATTN in CorrectedImage (0028,0051) next to an
+    attenuation-corrected PET of the same study and frame of reference (scanners export both).
+    Failed: a series whose files disagree, a PatientID shared by different patients, a lone
+    non-attenuation-corrected PET (unless ``allow_non_attenuation_corrected``), no CT in the frame of
+    reference, a CT or mask of another patient or with inconsistent files, several masks, no mask.
+    """
+    pets = [s for s in all_series if s.has_pet_files]
     cts = [s for s in all_series if s.modality == "CT"]
     masks = [s for s in all_series if s.modality in MASK_MODALITIES]
-    corrected = {s.series_instance_uid: _is_attenuation_corrected(s) for s in pets}
-    pairs, failed = [], {}
+    conflicts = patient_id_conflicts(all_series)
+    split = split_series_problems(pets)
+    pairs: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     for pet in pets:
+        uid = pet.series_instance_uid
         same_frame = [
             s for s in pets
-            if s.study_instance_uid == pet.study_instance_uid and s.frame_of_reference_uid == pet.frame_of_reference_uid
+            if s is not pet and s.study_instance_uid == pet.study_instance_uid
+            and s.frame_of_reference_uid == pet.frame_of_reference_uid and not s.problem
+            and not attenuation_problem(s)
         ]  # fmt: skip
-        if not corrected[pet.series_instance_uid] and any(
-            corrected[s.series_instance_uid] for s in same_frame
-        ):
-            logger.info("skipping %s: not attenuation-corrected (CorrectedImage lacks ATTN)", _describe(pet))
+        if not pet.problem and attenuation_problem(pet) and same_frame:
+            skipped[uid] = (
+                f"{attenuation_problem(pet)}; the attenuation-corrected PET series "
+                f"{same_frame[0].series_instance_uid} of the same study and frame of reference is used instead"
+            )
+            continue
+        problem, warnings = _pet_problem(pet, conflicts, split, allow_non_attenuation_corrected)
+        if problem:
+            failed[uid] = problem
             continue
         candidates = [
             c for c in cts
@@ -125,9 +256,9 @@ def pair_studies(
         ]  # fmt: skip
         if not candidates:
             in_study = [c for c in cts if c.study_instance_uid == pet.study_instance_uid]
-            failed[pet.series_instance_uid] = (
+            failed[uid] = (
                 f"no CT with StudyInstanceUID {pet.study_instance_uid} and FrameOfReferenceUID (0020,0052) "
-                f"{pet.frame_of_reference_uid or '(missing)'} for PET {pet.series_instance_uid}"
+                f"{pet.frame_of_reference_uid or '(missing)'} for PET {uid}"
                 + (
                     "; CTs of this study are in other frames of reference: "
                     + ", ".join(f"{c.series_instance_uid} (FoR {c.frame_of_reference_uid})" for c in in_study)
@@ -138,44 +269,39 @@ def pair_studies(
             continue
         ct = max(candidates, key=lambda c: (len(c.files), c.series_instance_uid))
         if len(candidates) > 1:
-            logger.info(
-                "PET %s: %d CT candidates, using the largest, %s",
-                pet.series_instance_uid,
-                len(candidates),
-                _describe(ct),
-            )
+            logger.info("PET %s: %d CT candidates, using the largest, %s", uid, len(candidates), _describe(ct))
         in_study = [m for m in masks if m.study_instance_uid == pet.study_instance_uid]
-        direct = [
-            m
-            for m in in_study
-            if {pet.series_instance_uid, ct.series_instance_uid} & set(m.referenced_series_uids)
-        ]
+        direct = [m for m in in_study if {uid, ct.series_instance_uid} & set(m.referenced_series_uids)]
         # A mask that references another PET/CT of the study belongs to that one, not to this PET.
-        others = {s.series_instance_uid for s in pets + cts} - {
-            pet.series_instance_uid,
-            ct.series_instance_uid,
-        }
+        others = {s.series_instance_uid for s in pets + cts} - {uid, ct.series_instance_uid}
         loose = [
             m for m in in_study
             if m.frame_of_reference_uid in ("", pet.frame_of_reference_uid) and not set(m.referenced_series_uids) & others
         ]  # fmt: skip
         chosen = direct or loose
         if len(chosen) > 1:
-            failed[pet.series_instance_uid] = (
-                f"{len(chosen)} mask series for PET {pet.series_instance_uid}: "
+            failed[uid] = (
+                f"{len(chosen)} mask series for PET {uid}: "
                 + "; ".join(_describe(m) for m in chosen)
                 + "; pick one with --manifest"
             )
             continue
         if not chosen and not allow_missing_mask:
-            failed[pet.series_instance_uid] = (
-                f"no RTSTRUCT or SEG referencing PET {pet.series_instance_uid} or CT {ct.series_instance_uid} "
+            failed[uid] = (
+                f"no RTSTRUCT or SEG referencing PET {uid} or CT {ct.series_instance_uid} "
                 f"in study {pet.study_instance_uid} (use --manifest for NIfTI masks, or --allow-missing-mask "
                 "for lesion-free studies)"
             )
             continue
-        pairs.append({"pet": pet, "ct": ct, "mask": chosen[0] if chosen else None})
-    return pairs, failed
+        partner = next(
+            (r for other, role in [(ct, "CT"), *((m, "mask") for m in chosen)] if (r := _partner_problem(pet, other, role))),
+            "",
+        )
+        if partner:
+            failed[uid] = partner
+            continue
+        pairs.append({"pet": pet, "ct": ct, "mask": chosen[0] if chosen else None, "warnings": warnings})
+    return pairs, failed, skipped
 
 
 def _resolve(
@@ -223,9 +349,21 @@ def _resolve(
 
 
 def pairs_from_manifest(
-    manifest: Path, input_dir: Path, all_series: Sequence[DicomSeries]
-) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Entries like :func:`pair_studies` from a CSV (case, patient, pet, ct, mask); a bad row fails its case."""
+    manifest: Path,
+    input_dir: Path,
+    all_series: Sequence[DicomSeries],
+    allow_missing_mask: bool = False,
+    allow_non_attenuation_corrected: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, str]]:
+    """Entries like :func:`pair_pet_series` from a CSV (case, patient, pet, ct, mask); a bad row fails its case.
+
+    Returns ``(entries, failed, resolved)``: failures keyed by the row's case name, and the PET
+    SeriesInstanceUID of every row whose PET cell resolved (for the per-series report).
+
+    A blank (or absent) mask cell fails the case unless ``allow_missing_mask`` (then it is written
+    lesion-free, with a warning). The PET, CT and mask a row names get the checks of automatic pairing
+    (consistent files, attenuation correction, one patient).
+    """
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = {c.strip().lower(): c for c in reader.fieldnames or ()}
@@ -236,8 +374,12 @@ def pairs_from_manifest(
             )
         rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     bases = [Path(manifest).resolve().parent, Path(input_dir).resolve()]
-    pairs, failed = [], {}
-    for row in rows:
+    pets = [s for s in all_series if s.has_pet_files]
+    split = split_series_problems(pets)
+    pairs: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    resolved: dict[str, str] = {}
+    for n, row in enumerate(rows, start=2):  # line numbers as an editor shows them (header = line 1)
         case = row["case"]
         try:
             pet = _resolve(row["pet"], bases, all_series, ("PT",), "pet", case)
@@ -250,8 +392,23 @@ def pairs_from_manifest(
         except ConversionError as e:
             failed[case] = str(e)
             continue
-        pairs.append({"pet": pet, "ct": ct, "mask": mask, "case": case, "patient": row.get("patient") or ""})
-    return pairs, failed
+        resolved[case] = pet.series_instance_uid
+        if mask is None and not allow_missing_mask:
+            failed[case] = (
+                f"manifest {manifest} line {n}, case {case}: the mask cell is blank (give an RTSTRUCT, SEG or "
+                "NIfTI mask, or --allow-missing-mask to write the case as lesion-free)"
+            )
+            continue
+        problem, warnings = _pet_problem(pet, {}, split, allow_non_attenuation_corrected)
+        partners = [(ct, "CT")] + ([(mask, "mask")] if mask is not None and not isinstance(mask, Path) else [])
+        problem = problem or next((r for other, role in partners if (r := _partner_problem(pet, other, role))), "")
+        if problem:
+            failed[case] = f"manifest case {case}: {problem}"
+            continue
+        pairs.append(
+            {"pet": pet, "ct": ct, "mask": mask, "case": case, "patient": row.get("patient") or "", "warnings": warnings}
+        )
+    return pairs, failed, resolved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +450,8 @@ def load_dicom_case(job: CaseJob) -> LoadedCase:
 
     payload: ``pet_files``, ``ct_files``, ``mask`` (None, ``("nifti", path)`` or
     ``(modality, path, referenced_series_uids)``), ``pet_uid``, ``ct_uid``, ``roi_pattern``,
-    ``roi_labels``, ``seg_pattern``, ``half_lives`` (extra nuclide half-lives, s), ``metadata``.
+    ``roi_labels``, ``seg_pattern``, ``half_lives`` (extra nuclide half-lives, s), ``metadata``,
+    ``warnings`` (compromises accepted during pairing, recorded with the case).
     """
     import SimpleITK as sitk
 
@@ -329,6 +487,7 @@ def load_dicom_case(job: CaseJob) -> LoadedCase:
         scanner=details.get("scanner", ""),
         suv_branch=suv.branch,
     )
+    warnings = [*p.get("warnings", ()), *warnings]
     if mask is None:
         warnings.append("no mask series: written as lesion-free (--allow-missing-mask)")
     return LoadedCase(ct=ct, pet=pet, label=label, metadata=metadata, warnings=warnings)
@@ -348,6 +507,23 @@ def _read_suv(files: Sequence[str], case_id: str, half_lives: Mapping[str, float
 # ----------------------------------------------------------------------------------------------
 
 
+SERIES_REPORT_NAME = "dicom_series_report.csv"
+SERIES_REPORT_COLUMNS = ("pet_series_uid", "files", "status", "case_id", "reason")
+
+
+def write_series_report(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """The per-run report, one row per PET series found (and per manifest row without one): CSV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=SERIES_REPORT_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in SERIES_REPORT_COLUMNS})
+    tmp.replace(path)
+    return path
+
+
 def convert_dicom_petct(
     input_dir: Path | str,
     dataset_id: int,
@@ -359,6 +535,7 @@ def convert_dicom_petct(
     seg_pattern: str | None = None,
     manifest: Path | str | None = None,
     allow_missing_mask: bool = False,
+    allow_non_attenuation_corrected: bool = False,
     pseudonym_key: Path | str | None = None,
     pet_norm: str = "CT",
     extra_half_lives: Mapping[str, float] | None = None,
@@ -370,8 +547,12 @@ def convert_dicom_petct(
 
     ``pseudonym_key`` set = pseudonymize, with the key CSV at that path (outside the dataset).
     Failures before loading (no CT in the frame of reference, several masks, a bad manifest row)
-    are reported like loading failures, keyed by the case ID they would have had.
+    are reported like loading failures, keyed by the case ID they would have had. Every PET series
+    found ends as converted, already done, failed or skipped (with the reason) in
+    ``DatasetXXX/.l1dfl/dicom_series_report.csv`` (``summary.series_report``); pseudonymized, the full
+    report goes beside the pseudonym key and the dataset's copy has no UIDs or reasons.
     """
+    from nnunetv2_l1dfl.conversion.dataset_folder import BOOKKEEPING_DIR
     from nnunetv2_l1dfl.conversion.dicom_series import discover_series
 
     input_dir = Path(input_dir)
@@ -384,11 +565,22 @@ def convert_dicom_petct(
     all_series, skipped = discover_series(input_dir, progress=progress)
     for path, reason in skipped:
         logger.warning("skipped %s: %s", path, reason)
+    pet_series = [s for s in all_series if s.has_pet_files]
+    manifest_pets: dict[str, str] = {}
     if manifest:
-        pairs, failed_pairs = pairs_from_manifest(Path(manifest), input_dir, all_series)
+        pairs, failed_pairs, manifest_pets = pairs_from_manifest(
+            Path(manifest), input_dir, all_series, allow_missing_mask, allow_non_attenuation_corrected
+        )
+        named = {e["pet"].series_instance_uid for e in pairs} | set(manifest_pets.values())
+        skipped_pairs = {
+            s.series_instance_uid: f"not named in the pet column of --manifest {manifest}"
+            for s in pet_series if s.series_instance_uid not in named
+        }  # fmt: skip
     else:
-        pairs, failed_pairs = pair_studies(all_series, allow_missing_mask=allow_missing_mask)
-    if not pairs and not failed_pairs:
+        pairs, failed_pairs, skipped_pairs = pair_pet_series(
+            all_series, allow_missing_mask, allow_non_attenuation_corrected
+        )
+    if not pet_series and not failed_pairs:
         raise ConversionError(
             f"no PET series (Modality PT) under {input_dir} ({len(all_series)} series, {len(skipped)} files skipped)"
         )
@@ -422,10 +614,21 @@ def convert_dicom_petct(
         case_ids[failed_keys[uid]] if uid in failed_keys else uid: reason
         for uid, reason in failed_pairs.items()
     }
+    n_files = {s.series_instance_uid: len(s.files) for s in all_series}
+    report_rows: list[dict[str, Any]] = []
+    for uid in failed_pairs:
+        pet_uid = uid if not manifest else manifest_pets.get(uid, "")
+        case_id = case_ids[failed_keys[uid]] if uid in failed_keys else uid
+        report_rows.append({"pet_series_uid": pet_uid, "files": n_files.get(pet_uid, ""), "status": "failed",
+                            "case_id": case_id, "reason": failed[case_id]})  # fmt: skip
+    for uid, reason in skipped_pairs.items():
+        report_rows.append({"pet_series_uid": uid, "files": n_files[uid], "status": "skipped", "reason": reason})
 
     jobs = []
     for entry, key, patient in zip(pairs, keys, patients):
         pet, ct, mask = entry["pet"], entry["ct"], entry["mask"]
+        row = {"pet_series_uid": pet.series_instance_uid, "files": len(pet.files), "case_id": case_ids[key]}
+        report_rows.append(row)
         if isinstance(mask, Path):
             mask_payload = ("nifti", str(mask))
         elif mask is not None:
@@ -450,6 +653,7 @@ def convert_dicom_petct(
                     "roi_labels": roi_label_patterns,
                     "seg_pattern": seg_pattern,
                     "half_lives": dict(extra_half_lives or {}),
+                    "warnings": list(entry.get("warnings", ())),
                     "metadata": {
                         "patient": patient,
                         "study_date": "" if pseudonym_key else pet.study_date,
@@ -461,11 +665,46 @@ def convert_dicom_petct(
                 },
             )  # fmt: skip
         )
+    skipped_before = {
+        (f"PET series {n}" if pseudonym_key else f"PET {uid}"): reason
+        for n, (uid, reason) in enumerate(skipped_pairs.items(), start=1)
+    }
     summary = convert_cases(
         jobs, load_dicom_case, spec, num_processes=num_processes, overwrite=overwrite, failed_before=failed,
-        progress=progress,
+        progress=progress, skipped_before=skipped_before,
     )  # fmt: skip
+    for row in report_rows:
+        case_id = row.get("case_id", "")
+        if row.get("status"):
+            continue
+        if case_id in summary.converted:
+            row["status"] = "converted"
+        elif case_id in summary.skipped:
+            row["status"] = "already done"
+        else:
+            row.update(status="failed", reason=summary.failed.get(case_id, "not converted (no reason recorded)"))
+    report_rows.sort(key=lambda r: (str(r.get("case_id", "")), str(r["pet_series_uid"])))
+    in_dataset = summary.dataset_dir / BOOKKEEPING_DIR / SERIES_REPORT_NAME
+    if pseudonym_key:
+        write_series_report(report_rows, series_report_path(summary.dataset_dir, pseudonym_key))
+        report_rows = [{"status": r["status"], "case_id": r.get("case_id", ""), "files": r["files"]} for r in report_rows]
+    write_series_report(report_rows, in_dataset)
     return summary, spec, skipped
+
+
+def series_report_path(dataset_dir: Path, pseudonym_key: Path | str | None = None) -> Path:
+    """Where the full per-run PET series report is: the bookkeeping folder, or beside the pseudonym key."""
+    from nnunetv2_l1dfl.conversion.dataset_folder import BOOKKEEPING_DIR
+
+    if pseudonym_key:
+        key_path = Path(pseudonym_key)
+        return key_path.with_name(f"{key_path.stem}_{SERIES_REPORT_NAME}")
+    return Path(dataset_dir) / BOOKKEEPING_DIR / SERIES_REPORT_NAME
+
+
+def read_series_report(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -493,7 +732,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--allow-missing-mask", action="store_true",
-        help="write PETs without any RTSTRUCT/SEG as lesion-free cases (negative controls) instead of failing them",
+        help="write PETs without any RTSTRUCT/SEG (or with a blank mask cell in --manifest) as lesion-free cases "
+        "(negative controls) instead of failing them; recorded as a case warning",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-non-attenuation-corrected", action="store_true",
+        help="convert a PET whose CorrectedImage (0028,0051) lacks ATTN when no attenuation-corrected PET of the "
+        "same study exists, instead of failing it (its SUV is not quantitative); recorded as a case warning",
     )  # fmt: skip
     add_pseudonymize_arguments(parser)
     add_nuclide_argument(parser)
@@ -507,6 +752,7 @@ def run(args: argparse.Namespace) -> int:
         args.input_dir, args.dataset_id, args.name, args.raw_dir, roi_pattern=args.roi_pattern,
         roi_labels=args.roi_labels, seg_pattern=args.seg_pattern, manifest=args.manifest,
         allow_missing_mask=args.allow_missing_mask, pseudonym_key=key_path, pet_norm=args.pet_norm,
+        allow_non_attenuation_corrected=args.allow_non_attenuation_corrected,
         extra_half_lives=dict(args.nuclide or ()), num_processes=args.num_processes, overwrite=args.overwrite, progress=not args.no_progress,
     )  # fmt: skip
     if skipped:
@@ -515,6 +761,17 @@ def run(args: argparse.Namespace) -> int:
         )
     if key_path:
         print(f"pseudonym key (keep it private, outside the dataset): {key_path}")
+    report_path = series_report_path(summary.dataset_dir, key_path)
+    rows = read_series_report(report_path)
+    for row in rows:
+        if row["status"] == "skipped" and not key_path:
+            print(f"SKIPPED PET {row['pet_series_uid']}: {row['reason']}")
+    counts = Counter(row["status"] for row in rows)
+    print(
+        f"PET series: {sum(1 for r in rows if r['pet_series_uid'])} found; "
+        + ", ".join(f"{counts[s]} {s}" for s in ("converted", "already done", "failed", "skipped"))
+        + f" (per-series report: {report_path})"
+    )
     return report(summary, spec, args)
 
 

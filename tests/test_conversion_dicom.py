@@ -272,3 +272,173 @@ def test_converted_dataset_passes_nnunet_verify(dicom_tree, nnunet_env, tmp_path
     )  # no origin/direction mismatch warnings
     preprocessed = Path(nnunet_env["nnUNet_preprocessed"]) / "Dataset501_Dicom"
     assert (preprocessed / "nnUNetPlans.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Accounting: every PET series ends converted, failed or skipped, with the reason, in a report
+# ----------------------------------------------------------------------------------------------
+
+
+def _edit(files, **attributes) -> None:
+    import pydicom
+
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+def _series_report(dataset: Path) -> list[dict[str, str]]:
+    with (dataset / ".l1dfl" / "dicom_series_report.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_every_pet_series_is_accounted_for(tmp_path, capsys):
+    """One PET file whose Modality reads CT used to make its patient vanish with exit code 0."""
+    from pydicom.uid import generate_uid
+
+    root = tmp_path / "export"
+    _study(root / "good", "GOOD", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    odd = _study(root / "odd", "ODD", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    _edit(odd["pet"][:1], Modality="CT")  # pet_000.dcm: sorted first, it named the series' modality
+    both = _study(root / "both", "BOTH", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    import pydicom
+
+    first = pydicom.dcmread(both["pet"][0])
+    nac = write_pet_series(
+        root / "both" / "pet_nac", h.pet_suv_volume() * BQML_PER_SUV, h.PET_SPACING, h.PET_ORIGIN,
+        patient_id="BOTH", study_uid=first.StudyInstanceUID, frame_of_reference_uid=first.FrameOfReferenceUID,
+        series_uid=generate_uid(), CorrectedImage=["NORM", "DECY"],
+    )  # fmt: skip
+    lone = _study(root / "lone", "LONE", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    _edit(lone["pet"], CorrectedImage=["DECY", "NORM"])
+
+    raw = tmp_path / "raw"
+    assert _convert(root, raw) == 1
+    out, err = capsys.readouterr()
+    assert re.search(
+        rf"FAILED ODD_20240101: {re.escape(str(odd['pet'][0]))}: Modality \(0008,0060\) 'CT' differs from 'PT'", err
+    ), err
+    assert re.search(r"FAILED LONE_20240101: .*pet_000\.dcm: CorrectedImage \(0028,0051\) is DECY\\NORM, without ATTN", err)
+    assert "--allow-non-attenuation-corrected" in err
+    nac_uid = _uid(nac[0])
+    assert f"SKIPPED PET {nac_uid}: " in out and "not attenuation-corrected" in out
+    assert "PET series: 5 found; 2 converted, 0 already done, 2 failed, 1 skipped" in out
+    assert "2 converted, 0 already done, 2 failed, 1 skipped with a reason" in out
+    dataset = raw / "Dataset501_Dicom"
+    rows = {r["pet_series_uid"]: r for r in _series_report(dataset)}
+    assert len(rows) == 5
+    assert rows[_uid(odd["pet"][1])]["status"] == "failed" and rows[_uid(odd["pet"][1])]["files"] == "12"
+    assert "Modality (0008,0060)" in rows[_uid(odd["pet"][1])]["reason"]
+    assert rows[nac_uid]["status"] == "skipped" and _uid(both["pet"][0]) in rows[nac_uid]["reason"]
+    assert {r["status"] for r in rows.values()} == {"converted", "failed", "skipped"}
+    assert {r["case_id"] for r in rows.values() if r["status"] == "converted"} == {"GOOD_20240101", "BOTH_20240101"}
+
+    # The lone non-attenuation-corrected PET, accepted knowingly: converted, the compromise recorded.
+    assert _convert(root, raw, "--allow-non-attenuation-corrected") == 1  # ODD still fails
+    out = capsys.readouterr().out
+    assert "PET series: 5 found; 1 converted, 2 already done, 1 failed, 1 skipped" in out
+    warning = _metadata(dataset)["LONE_20240101"]["warnings"]
+    assert "CorrectedImage (0028,0051) is DECY\\NORM, without ATTN" in warning
+    assert "--allow-non-attenuation-corrected" in warning
+
+
+def test_a_pet_without_corrected_image_fails_naming_the_tag(tmp_path, capsys):
+    root = tmp_path / "export"
+    _study(root / "a", "NOCI", "20240101", ct_grid="pet", mask="rtstruct-on-pet", omit=["CorrectedImage"])
+    assert _convert(root, tmp_path / "raw") == 1
+    assert re.search(r"FAILED NOCI_20240101: .*CorrectedImage \(0028,0051\) is absent, without ATTN", capsys.readouterr().err)
+
+
+def test_one_patient_id_for_two_people_is_not_merged(tmp_path, capsys):
+    """Same PatientID, different PatientName: two people, who must not share a split group."""
+    root = tmp_path / "export"
+    for folder, patient, date, name, birth in (
+        ("a", "SAMEID", "20240101", "DOE^JANE", "19600101"),
+        ("b", "SAMEID", "20240301", "ROE^RICHARD", "19600101"),
+        # The same person written differently (case, trailing '^', a blank birth date) is one patient.
+        ("c", "ONE", "20240101", "Doe^John^^", "19500505"),
+        ("d", "ONE", "20240301", "DOE^JOHN", ""),
+    ):
+        _study(root / folder, patient, date, ct_grid="pet", mask="rtstruct-on-pet")
+        _edit(sorted((root / folder).rglob("*.dcm")), PatientName=name, PatientBirthDate=birth)
+    raw = tmp_path / "raw"
+    assert _convert(root, raw) == 1
+    out, err = capsys.readouterr()
+    for case in ("SAMEID_20240101", "SAMEID_20240301"):
+        assert re.search(rf"FAILED {case}: one PatientID \(0010,0020\) for different patients: PatientName \(0010,0010\) differs", err), err
+    assert "JANE" not in err + out and "RICHARD" not in err + out  # the names themselves are not printed
+    rows = _metadata(raw / "Dataset501_Dicom")
+    assert set(rows) == {"ONE_20240101", "ONE_20240301"}, out + err
+    assert rows["ONE_20240101"]["patient"] == rows["ONE_20240301"]["patient"] == "ONE"
+
+
+def test_pet_and_ct_of_different_patients_in_one_study_fail(tmp_path, capsys):
+    root = tmp_path / "export"
+    study = _study(root / "a", "PETPAT", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    _edit(study["ct"], PatientID="SOMEONEELSE")
+    assert _convert(root, tmp_path / "raw") == 1
+    assert re.search(r"FAILED PETPAT_20240101: PET and CT are not of one patient: PatientID \(0010,0020\) differs", capsys.readouterr().err)
+
+
+def test_a_stray_pet_file_with_another_series_uid_fails_both_parts(tmp_path, capsys):
+    """A slice whose SeriesInstanceUID is corrupt would be a one-slice case and leave its series short."""
+    from pydicom.uid import generate_uid
+
+    root = tmp_path / "export"
+    study = _study(root / "a", "STRAY", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    stray_uid = generate_uid()
+    _edit(study["pet"][-1:], SeriesInstanceUID=stray_uid)
+    raw = tmp_path / "raw"
+    assert _convert(root, raw) == 1
+    out, err = capsys.readouterr()
+    assert "0 converted" in out
+    assert len(re.findall(r"FAILED STRAY_20240101(-\d)?: .*SeriesNumber \(0020,0011\) 2\) carry 2 SeriesInstanceUIDs \(0020,000E\)", err)) == 2, err
+    assert stray_uid in err and "pet_011.dcm" in err
+
+
+def test_incomplete_pet_series_by_number_of_slices_fails(tmp_path, capsys):
+    root = tmp_path / "export"
+    study = _study(root / "a", "SHORT", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    _edit(study["pet"], NumberOfSlices=len(study["pet"]))
+    study["pet"][-1].unlink()  # the last slice: the remaining eleven are still evenly spaced
+    assert _convert(root, tmp_path / "raw") == 1
+    assert re.search(r"FAILED SHORT_20240101: .*NumberOfSlices \(0054,0081\) is 12 but .* has 11 files", capsys.readouterr().err)
+
+
+def test_manifest_blank_mask_cell_fails_unless_allowed(tmp_path, capsys):
+    root = tmp_path / "export"
+    first = _study(root / "a", "MAN1", "20240101", ct_grid="pet", mask="none")
+    second = _study(root / "b", "MAN2", "20240101", ct_grid="pet", mask="none")
+    _study(root / "c", "MAN3", "20240101", ct_grid="pet", mask="none")  # not in the manifest
+    mask = h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN)
+    truncated = h.write_image(mask, tmp_path / "cut.nii.gz", h.PET_SPACING, h.PET_ORIGIN)
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "case,patient,pet,ct,mask\n"
+        f"blank,P1,{root / 'a' / 'pet'},{root / 'a' / 'ct'},\n"
+        f"cut,P2,{root / 'b' / 'pet'},{root / 'b' / 'ct'},{truncated}\n"
+    )
+    raw = tmp_path / "raw"
+    assert _convert(root, raw, "--manifest", str(manifest)) == 1
+    out, err = capsys.readouterr()
+    assert re.search(rf"FAILED blank: manifest {re.escape(str(manifest))} line 2, case blank: the mask cell is blank", err), err
+    assert re.search(rf"FAILED cut: case cut: mask {re.escape(str(truncated))}: truncated or corrupt gzip stream", err), err
+    assert "PET series: 3 found; 0 converted, 0 already done, 2 failed, 1 skipped" in out
+    assert "not named in the pet column of --manifest" in out
+    rows = {r["case_id"]: r for r in _series_report(raw / "Dataset501_Dicom")}
+    assert rows["blank"]["pet_series_uid"] == _uid(first["pet"][0]) and rows["cut"]["pet_series_uid"] == _uid(second["pet"][0])
+
+    assert _convert(root, raw, "--manifest", str(manifest), "--allow-missing-mask") == 1  # the cut mask still fails
+    capsys.readouterr()
+    row = _metadata(raw / "Dataset501_Dicom")["blank"]
+    assert row["n_lesions"] == "0" and "lesion-free (--allow-missing-mask)" in row["warnings"]
