@@ -236,3 +236,25 @@ def test_files_of_one_series_that_disagree_make_it_a_problem_series(tmp_path):
     assert by_patient["Q"].problem.startswith(f"{other[2]}: PatientName (0010,0010) 'SOMEONE^ELSE' differs")
     with pytest.raises(DicomSeriesError, match=r"Modality \(0008,0060\) 'CT' differs"):
         read_ct_hu(first)
+
+
+def test_slice_stack_refuses_files_of_another_series_or_modality(tmp_path):
+    """Whoever grouped the files (``l1dfl suv`` reads a folder), one volume is one series of one modality."""
+    from nnunetv2_l1dfl.conversion.dicom_series import load_slice_stack
+
+    a = write_ct_series(tmp_path / "a", np.zeros((3, 4, 4)))
+    b = write_ct_series(tmp_path / "b", np.zeros((2, 4, 4)), origin=(0.0, 0.0, 6.0))  # continues a, evenly
+    with pytest.raises(DicomSeriesError, match=rf"^{b[0]}: SeriesInstanceUID \(0020,000E\) '.*' differs from '.*' of {a[0]} \(3 of 5 files\) in series CT series"):
+        read_ct_hu(a + b)
+    pet = write_pet_series(tmp_path / "pet", np.ones((4, 4, 4)))
+    ds = pydicom.dcmread(pet[2])
+    ds.Modality = "CT"
+    ds.save_as(pet[2])
+    with pytest.raises(DicomSeriesError, match=rf"^{pet[2]}: Modality \(0008,0060\) 'CT' differs from 'PT' .*in series case 7"):
+        load_slice_stack(pet, what="case 7")
+    c = write_ct_series(tmp_path / "c", np.zeros((3, 4, 4)))
+    ds = pydicom.dcmread(c[1])
+    ds.PatientID = "SOMEONE_ELSE"
+    ds.save_as(c[1])
+    with pytest.raises(DicomSeriesError, match=rf"^{c[1]}: PatientID \(0010,0020\)"):
+        read_ct_hu(c)

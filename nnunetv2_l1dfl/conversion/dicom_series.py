@@ -164,14 +164,26 @@ SERIES_CONSISTENT_ATTRIBUTES = (
     ("StudyInstanceUID", "(0020,000D)"),
     ("FrameOfReferenceUID", "(0020,0052)"),
 )
+# What the slices handed to ``load_slice_stack`` must share, whoever grouped them.
+SLICE_STACK_CONSISTENT_ATTRIBUTES = (
+    ("Modality", "(0008,0060)"),
+    ("SeriesInstanceUID", "(0020,000E)"),
+    ("PatientID", "(0010,0020)"),
+    ("PatientName", "(0010,0010)"),
+    ("PatientBirthDate", "(0010,0030)"),
+)
 
 
-def _series_problem(uid: str, members: Sequence[tuple[Path, pydicom.Dataset]]) -> str:
+def _series_problem(
+    uid: str,
+    members: Sequence[tuple[Path, pydicom.Dataset]],
+    attributes: Sequence[tuple[str, str]] = SERIES_CONSISTENT_ATTRIBUTES,
+) -> str:
     """The first attribute the files of series ``uid`` disagree on, naming a file ('' when none).
 
     The majority value counts as the series' own, so the message names the odd file out.
     """
-    for keyword, tag in SERIES_CONSISTENT_ATTRIBUTES:
+    for keyword, tag in attributes:
         values = [_text(ds, keyword) for _, ds in members]
         counts = Counter(values)
         if len(counts) < 2:
@@ -254,7 +266,9 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
     date, StudyInstanceUID, modality and SeriesInstanceUID, and ``(file, reason)`` for each file
     that was skipped: not DICOM, unreadable or truncated (a corrupt file is reported, never fatal), no
     SeriesInstanceUID (0020,000E) (e.g. DICOMDIR), or a second copy of an SOPInstanceUID already
-    seen in the series (the first path in sorted order is kept).
+    seen in the series (the first path in sorted order is kept). Files without the 128-byte preamble
+    are read (:func:`read_dicom`). A series whose files disagree on modality, patient, study or frame
+    of reference keeps all its files and carries the reason in ``problem`` (never silently split).
     """
     from tqdm import tqdm
 
@@ -446,7 +460,8 @@ def _check_number_of_slices(datasets: Sequence[pydicom.Dataset], paths: Sequence
 def load_slice_stack(files: Sequence[Path], what: str = "series", modality: str | None = None) -> SliceStack:
     """Read single-frame slices into one regular volume, each slice with its own rescale.
 
-    Checks (each error names the offending file): NumberOfSlices (0054,0081), when present, equals
+    Checks (each error names the offending file): one Modality, SeriesInstanceUID and patient
+    (:data:`SLICE_STACK_CONSISTENT_ATTRIBUTES`) for all files; NumberOfSlices (0054,0081), when present, equals
     the number of files; an orthonormal ImageOrientationPatient (0020,0037), one for all slices; one Rows,
     Columns and PixelSpacing (0028,0030) for all slices; no two slices at the same position along
     the normal; positions along the normal (no gantry tilt); even slice spacing (within 1 %, so a
@@ -475,6 +490,9 @@ def load_slice_stack(files: Sequence[Path], what: str = "series", modality: str 
         datasets.append(ds)
         paths.append(Path(path))
 
+    problem = _series_problem(what, list(zip(paths, datasets)), SLICE_STACK_CONSISTENT_ATTRIBUTES)
+    if problem:
+        raise DicomSeriesError(problem)
     first, first_path = datasets[0], paths[0]
     _check_number_of_slices(datasets, paths, what)
     iop = _floats(first, "ImageOrientationPatient", "(0020,0037)", first_path, 6)
