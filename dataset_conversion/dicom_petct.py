@@ -459,7 +459,7 @@ def load_dicom_case(job: CaseJob) -> LoadedCase:
     from nnunetv2_l1dfl.conversion.masks import rasterize_rtstruct
 
     p = job.payload
-    suv = _read_suv(p["pet_files"], job.case_id, p.get("half_lives"))
+    suv = _read_suv(p["pet_files"], job.case_id, p.get("half_lives"), p.get("allow_implausible_suv", False))
     pet = suv.image
     ct = read_ct_hu(p["ct_files"])
     mask = p["mask"]
@@ -488,16 +488,22 @@ def load_dicom_case(job: CaseJob) -> LoadedCase:
         suv_branch=suv.branch,
     )
     warnings = [*p.get("warnings", ()), *warnings]
+    warnings.extend(suv.warnings)  # implausible SUV accepted with --allow-implausible-suv
     if mask is None:
         warnings.append("no mask series: written as lesion-free (--allow-missing-mask)")
     return LoadedCase(ct=ct, pet=pet, label=label, metadata=metadata, warnings=warnings)
 
 
-def _read_suv(files: Sequence[str], case_id: str, half_lives: Mapping[str, float] | None = None):
+def _read_suv(
+    files: Sequence[str], case_id: str, half_lives: Mapping[str, float] | None = None, allow_implausible_suv: bool = False
+):
     from nnunetv2_l1dfl.conversion.suv import SUVError, read_pet_suv
 
     try:
-        return read_pet_suv([Path(f) for f in files], case_id=case_id, extra_half_lives=half_lives)
+        return read_pet_suv(
+            [Path(f) for f in files], case_id=case_id, extra_half_lives=half_lives,
+            allow_implausible_suv=allow_implausible_suv,
+        )  # fmt: skip
     except SUVError as e:
         raise ConversionError(str(e)) from e
 
@@ -539,6 +545,7 @@ def convert_dicom_petct(
     pseudonym_key: Path | str | None = None,
     pet_norm: str = "CT",
     extra_half_lives: Mapping[str, float] | None = None,
+    allow_implausible_suv: bool = False,
     num_processes: int = 1,
     overwrite: bool = False,
     progress: bool = True,
@@ -653,6 +660,7 @@ def convert_dicom_petct(
                     "roi_labels": roi_label_patterns,
                     "seg_pattern": seg_pattern,
                     "half_lives": dict(extra_half_lives or {}),
+                    "allow_implausible_suv": allow_implausible_suv,
                     "warnings": list(entry.get("warnings", ())),
                     "metadata": {
                         "patient": patient,
@@ -753,7 +761,8 @@ def run(args: argparse.Namespace) -> int:
         roi_labels=args.roi_labels, seg_pattern=args.seg_pattern, manifest=args.manifest,
         allow_missing_mask=args.allow_missing_mask, pseudonym_key=key_path, pet_norm=args.pet_norm,
         allow_non_attenuation_corrected=args.allow_non_attenuation_corrected,
-        extra_half_lives=dict(args.nuclide or ()), num_processes=args.num_processes, overwrite=args.overwrite, progress=not args.no_progress,
+        extra_half_lives=dict(args.nuclide or ()), allow_implausible_suv=args.allow_implausible_suv,
+        num_processes=args.num_processes, overwrite=args.overwrite, progress=not args.no_progress,
     )  # fmt: skip
     if skipped:
         print(

@@ -218,3 +218,70 @@ def test_fields_that_name_different_nuclides_are_an_error(tmp_path):
         _read(tmp_path)
     message = str(info.value)
     assert "RadionuclideCodeSequence (0054,0300)" in message and "Radiopharmaceutical (0018,0031)" in message
+
+
+# -- the same check where a case is written (PET given in SUV, e.g. NIfTI) -----------------------
+
+
+def _nifti_case(pet_scale: float, allow: bool | None = None):
+    import _conversion_helpers as h
+
+    from nnunetv2_l1dfl.conversion.dataset_folder import LoadedCase
+
+    def image(array):
+        img = sitk.GetImageFromArray(array)
+        img.SetSpacing(h.PET_SPACING)
+        img.SetOrigin(h.PET_ORIGIN)
+        return img
+
+    metadata = {"study_date": "2024-01-31"}
+    if allow is not None:
+        metadata["allow_implausible_suv"] = allow
+    return LoadedCase(
+        ct=image(h.ct_volume(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN)),
+        pet=image(h.pet_suv_volume() * pet_scale),
+        label=image(h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN)),
+        metadata=metadata,
+    )
+
+
+def test_write_case_refuses_implausible_suv_unless_the_loader_passes_the_opt_in(tmp_path):
+    from nnunetv2_l1dfl.conversion.dataset_folder import DatasetSpec, prepare_dataset_dir, write_case
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
+
+    spec = DatasetSpec(raw_dir=tmp_path, dataset_id=9, name="Unit")
+    dataset = prepare_dataset_dir(spec)
+    bqml_per_suv = 3.5e8 * 0.685 / 75000.0  # Bq/ml read as SUV: SUVmax 8 becomes ~2.6e4
+    with pytest.raises(ConversionError, match=r"case bq: implausible SUV: SUVmax 2\.\d+e\+04 .*--allow-implausible-suv"):
+        write_case(dataset, "bq", _nifti_case(bqml_per_suv), spec.labels, patient="p")
+    assert not (dataset / "imagesTr" / "bq_0001.nii.gz").exists()
+    record = write_case(dataset, "bq", _nifti_case(bqml_per_suv, allow=True), spec.labels, patient="p")
+    assert len(record["warnings"]) == 1 and record["warnings"][0].startswith("implausible SUV accepted")
+    assert "allow_implausible_suv" not in record  # the opt-in is not a metadata column
+    assert write_case(dataset, "ok", _nifti_case(1.0), spec.labels, patient="p")["warnings"] == []
+
+
+def test_convert_dicom_fails_the_case_and_the_opt_in_records_the_reason(tmp_path, capsys):
+    import csv
+
+    import _conversion_helpers as h
+    from _dicom_factories import write_ct_series, write_rtstruct
+    from pydicom.uid import generate_uid
+
+    root = tmp_path / "dicom"
+    common = dict(patient_id="KBQ", study_uid=generate_uid(), frame_of_reference_uid=generate_uid())
+    bqml_per_suv = 3.5e8 * 2.0 ** (-3600.0 / F18) / 75000.0
+    pet = write_pet_series(root / "pet", h.pet_suv_volume() * bqml_per_suv, h.PET_SPACING, h.PET_ORIGIN,
+                           dose_bq=3.5e5, **common)  # fmt: skip  # the dose typed in kBq
+    write_ct_series(root / "ct", h.ct_volume(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN), h.PET_SPACING, h.PET_ORIGIN, **common)
+    write_rtstruct(root / "rt" / "rs.dcm", pet, {"Lesions": h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN)})
+    raw = tmp_path / "raw"
+    argv = ["convert", "dicom", str(root), "-d", "611", "-n", "Kbq", "-o", str(raw), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"FAILED KBQ_20240101: .*implausible SUV: RadionuclideTotalDose \(0018,1074\).*kBq", err)
+    assert main([*argv, "--allow-implausible-suv"]) == 0
+    with (raw / "Dataset611_Kbq" / "case_metadata.csv").open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert "implausible SUV accepted (--allow-implausible-suv): RadionuclideTotalDose (0018,1074)" in row["warnings"]
+    assert row["suv_branch"].endswith("implausible-accepted") and float(row["suv_max"]) > 1000

@@ -74,9 +74,8 @@ CHANNEL_MODALITIES = {
     str(PET_CHANNEL): "PET in SUVbw (body-weight standardized uptake value, g/ml)",
 }
 
-# Whole-body PET with a maximum SUV outside this range almost always means a unit error in the
-# dose (MBq vs Bq) or the weight (g vs kg), or a PET that is not in SUV at all.
-PLAUSIBLE_SUV_MAX = (1.0, 150.0)
+# The SUVmax bounds a written case must respect live with the SUV conversion:
+# nnunetv2_l1dfl.conversion.suv.PLAUSIBLE_SUV_MAX (why: docs/suv.md).
 
 METADATA_COLUMNS = (
     "case_id",
@@ -285,14 +284,20 @@ def lesion_statistics(label: np.ndarray, spacing_mm: Sequence[float]) -> tuple[i
 
 
 
-def suv_warnings(suv_max: float) -> list[str]:
-    low, high = PLAUSIBLE_SUV_MAX
-    if not low <= suv_max <= high:
-        return [
-            f"SUV out of plausible range: max SUV {suv_max:.3g} outside [{low:g}, {high:g}] "
-            "(check dose and weight units, and that the PET is in SUV)"
-        ]
-    return []
+def suv_warnings(suv_max: float, case_id: str = "", allow_implausible_suv: bool = False) -> list[str]:
+    """SUVmax of a case about to be written against the SUV conversion's bounds
+    (:func:`nnunetv2_l1dfl.conversion.suv.suv_plausibility_problems`, docs/suv.md), so PET given in
+    SUV (NIfTI sources) gets the check DICOM gets: [] when plausible; the problems as case warnings
+    with ``allow_implausible_suv`` (``--allow-implausible-suv``); else :class:`ConversionError`."""
+    from nnunetv2_l1dfl.conversion.suv import IMPLAUSIBLE_SUV_ACCEPTED, suv_plausibility_problems
+
+    problems = suv_plausibility_problems(suv_max)
+    if problems and not allow_implausible_suv:
+        raise ConversionError(
+            f"case {case_id}: implausible SUV: {'; '.join(problems)}. If it is right after all, convert anyway "
+            "with --allow-implausible-suv (recorded as a case warning)"
+        )
+    return [f"{IMPLAUSIBLE_SUV_ACCEPTED}: {p}" for p in problems]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,6 +401,9 @@ def write_case(
     n_lesions, tmtv_ml = lesion_statistics(label_array, spacing)
     suv_max = float(pet_array.max())
     metadata = dict(case.metadata)
+    # The loader passes --allow-implausible-suv as metadata; a DICOM PET was checked when read.
+    checked = any(w.startswith("implausible SUV accepted") for w in case.warnings)
+    suv_checks = [] if checked else suv_warnings(suv_max, case_id, bool(metadata.get("allow_implausible_suv")))
     record = {
         "case_id": case_id,
         "patient": patient,
@@ -408,7 +416,7 @@ def write_case(
         "n_lesions": n_lesions,
         "tmtv_ml": round(tmtv_ml, 3),
         "suv_max": round(suv_max, 3),
-        "warnings": [*case.warnings, *suv_warnings(suv_max)],
+        "warnings": [*case.warnings, *suv_checks],
         "source": metadata.get("source", ""),
     }
 

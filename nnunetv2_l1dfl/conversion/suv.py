@@ -72,6 +72,7 @@ MAX_SERIES_BEFORE_ACQUISITION_S = 3600.0
 # by this plus the frame's mean-count time (vendors include the frame-duration factor or not).
 DECAY_FACTOR_TOLERANCE_S = 120.0
 MCI_IN_MBQ = 37.0
+IMPLAUSIBLE_SUV_ACCEPTED = "implausible SUV accepted (--allow-implausible-suv)"  # starts each such warning
 PHILIPS_CREATOR = "Philips PET Private Group"
 GE_CREATOR = "GEMS_PETD_01"
 
@@ -475,7 +476,7 @@ def read_pet_suv(
                 f"implausible SUV: {'; '.join(problems)}. If the header is right after all, convert anyway "
                 "with --allow-implausible-suv (recorded as a case warning)"
             )
-        result.warnings = [f"implausible SUV accepted (--allow-implausible-suv): {p}" for p in problems]
+        result.warnings = [f"{IMPLAUSIBLE_SUV_ACCEPTED}: {p}" for p in problems]
         result.branch += "|implausible-accepted"
         for warning in result.warnings:
             logger.warning("%s: %s", case, warning)
