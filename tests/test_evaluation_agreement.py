@@ -158,6 +158,10 @@ def test_biomarker_agreement_excludes_and_counts_undefined_cases():
     assert result["ccc"]["ccc"] == pytest.approx(A.lins_ccc(kept_gt, kept_pred)["ccc"])
     assert result["tost"]["bound"] == result["coverage_probability"]["limit"] == result["delta"]
     assert result["bland_altman"]["n"] == 4
+    nothing = A.biomarker_agreement(np.full(3, np.nan), np.array([1.0, np.nan, 2.0]))  # no GT lesion anywhere
+    assert (nothing["n"], nothing["n_excluded_no_gt"]) == (0, 3)
+    assert math.isnan(nothing["delta"]) and math.isnan(nothing["ccc"]["ccc"]) and not nothing["tost"]["equivalent"]
+    assert math.isnan(nothing["tost"]["p_value"]) and math.isnan(nothing["coverage_probability"]["cp"])
 
 
 def test_absolute_error_tests_match_scipy_with_bonferroni():

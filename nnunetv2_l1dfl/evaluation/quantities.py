@@ -301,9 +301,12 @@ def _suv_peaks(
         # Voxels outside the crop lie outside the image or beyond every sphere of this lesion, so
         # zero padding of the crop is the "mean of the sphere's voxels inside the image" rule.
         sums = fftconvolve(np.where(finite, crop, 0.0), kernel, mode="same")
-        n_inside = np.rint(fftconvolve(np.ones(crop.shape), kernel, mode="same"))
         local = tuple((zyx - lo).T)
-        means = sums[local] / n_inside[local]
+        if np.any(zyx.min(axis=0) - half < 0) or np.any(zyx.max(axis=0) + half + 1 > shape_arr):
+            n_inside = np.rint(fftconvolve(np.ones(crop.shape), kernel, mode="same"))[local]
+        else:  # no sphere of this lesion leaves the image
+            n_inside = kernel.sum()
+        means = sums[local] / n_inside
         if not finite.all():
             touched = np.rint(fftconvolve((~finite).astype(np.float64), kernel, mode="same"))[local] > 0
             means[touched] = np.nan
