@@ -200,7 +200,19 @@ class PseudonymKey:
                     "source": sources.get(key, ""),
                 }
             )
+        self._register_identifiers()
         return result
+
+    def _register_identifiers(self) -> None:
+        """In a pseudonymized run, tell the console redactor (:mod:`.redact`) which identifiers to hide:
+        each patient ID (shown as its pseudonym), the parts of each discriminator (UIDs, folder
+        names) and source (shown as the case ID)."""
+        from nnunetv2_l1dfl.conversion.redact import register_identifier
+
+        for row in self.rows:
+            register_identifier(row["patient_id"], row["pseudonym"])
+            for part in re.split(r"[/\\]", row.get("discriminator", "")) + [row.get("source", "")]:
+                register_identifier(part, row["case_id"])
 
     def pseudonym_of_case(self, case_id: str) -> str:
         for r in self.rows:

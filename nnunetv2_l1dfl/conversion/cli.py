@@ -173,13 +173,23 @@ def report(summary: ConversionSummary, spec: DatasetSpec, args: argparse.Namespa
     exit_code = 0
     for case_id, reason in sorted(summary.failed.items()):
         print(f"FAILED {case_id}: {reason}", file=sys.stderr)
-    if summary.num_training:
+    fault = getattr(summary, "fault", None)
+    if fault:
+        print(
+            f"error: the run stopped at a write fault: {fault}; dataset.json lists only complete cases, run again "
+            "once there is space / write access",
+            file=sys.stderr,
+        )
+    if summary.num_training and not fault:
         if getattr(args, "write_splits", False):
             try:
                 summary.splits_file = write_splits(spec.folder_name, splits_for_dataset(spec.dataset_dir))
                 print(f"splits_final.json (5 folds, patients kept in one fold): {summary.splits_file}")
             except ConversionError as e:
                 print(f"error: splits not written: {e}", file=sys.stderr)
+                exit_code = 1
+            except OSError as e:
+                print(f"error: splits not written: {e.strerror or e}: {e.filename}", file=sys.stderr)
                 exit_code = 1
         else:
             print(
@@ -190,17 +200,32 @@ def report(summary: ConversionSummary, spec: DatasetSpec, args: argparse.Namespa
     print(summary.line())
     if summary.failed and not getattr(args, "allow_failures", False):
         exit_code = 1
-    return exit_code
+    return 2 if fault else exit_code
 
 
 def _run_converter(args: argparse.Namespace) -> int:
-    from nnunetv2_l1dfl.conversion.errors import ConversionError
+    """Run a converter holding the dataset lock (taken before the converter reads or writes anything,
+    pseudonym key included); with ``--pseudonymize`` everything printed or logged is redacted
+    (:mod:`nnunetv2_l1dfl.conversion.redact`). Every error is one line; exit 2."""
+    import contextlib
 
-    try:
-        return import_module(args.converter_module).run(args)
-    except (ConversionError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from nnunetv2_l1dfl.conversion.dataset_folder import lock_dataset
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
+    from nnunetv2_l1dfl.conversion.redact import Redactor
+
+    redactor = Redactor([args.input_dir]) if getattr(args, "pseudonymize", False) else None
+    source = getattr(args, "source", None) or args.converter_module.rsplit(".", 1)[-1]
+    command = f"l1dfl convert {source} -d {args.dataset_id} -n {args.name}"
+    with redactor.active() if redactor else contextlib.nullcontext():
+        try:
+            with lock_dataset(spec_from_args(args), command=command):
+                return import_module(args.converter_module).run(args)
+        except ConversionError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # the output folder: read-only, full, a file where a folder should be
+            print(f"error: {e.strerror or e}: {e.filename}" if e.filename else f"error: {e}", file=sys.stderr)
+            return 2
 
 
 def suv_entry(args: argparse.Namespace) -> int:
@@ -319,6 +344,8 @@ def splits_entry(args: argparse.Namespace) -> int:
     from nnunetv2_l1dfl.conversion.splits import splits_for_dataset, write_splits
 
     try:
+        if args.folds < 2:
+            raise ConversionError(f"--folds must be at least 2 (cross-validation), got {args.folds}")
         raw_dir = resolve_raw_dir(args.raw_dir)
         matches = sorted(p for p in raw_dir.glob(f"Dataset{args.dataset_id:03d}_*") if p.is_dir())
         if len(matches) != 1:
@@ -329,6 +356,9 @@ def splits_entry(args: argparse.Namespace) -> int:
         path = write_splits(matches[0].name, splits, args.preprocessed_dir)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --preprocessed-dir a file, read-only, full
+        print(f"error: splits_final.json not written: {e.strerror or e}: {e.filename}", file=sys.stderr)
         return 2
     sizes = ", ".join(str(len(f["val"])) for f in splits)
     print(f"wrote {path}: {args.folds} folds, validation cases per fold {sizes}")

@@ -18,13 +18,18 @@ staging); nnU-Net never looks there. The run loop over many cases is :mod:`.runn
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime as _dt
+import errno
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+import socket
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nnunetv2_l1dfl.conversion.case_ids import normalize_study_date
-from nnunetv2_l1dfl.conversion.errors import ConversionError
+from nnunetv2_l1dfl.conversion.errors import ConversionError, OutputError
 from nnunetv2_l1dfl.conversion.geometry import GEOMETRY_ATOL, geometry_mismatch
 
 if TYPE_CHECKING:
@@ -104,11 +109,14 @@ _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 def resolve_raw_dir(raw_dir: str | Path | None) -> Path:
     """``raw_dir`` if given, else ``$nnUNet_raw``; an error that names ``-o`` when neither is set."""
     if raw_dir:
-        return Path(raw_dir).expanduser().resolve()
-    env = os.environ.get("nnUNet_raw")
-    if env:
-        return Path(env).expanduser().resolve()
-    raise ConversionError("no output folder: pass -o RAW_DIR or set the environment variable nnUNet_raw")
+        path, what = Path(raw_dir).expanduser().resolve(), "-o"
+    elif os.environ.get("nnUNet_raw"):
+        path, what = Path(os.environ["nnUNet_raw"]).expanduser().resolve(), "nnUNet_raw"
+    else:
+        raise ConversionError("no output folder: pass -o RAW_DIR or set the environment variable nnUNet_raw")
+    if path.exists() and not path.is_dir():
+        raise ConversionError(f"{what} {path} is not a folder (a file of that name exists): pass the nnU-Net raw folder")
+    return path
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
@@ -231,15 +239,163 @@ def is_case_finished(dataset_dir: Path, case_id: str) -> bool:
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# Lock: one conversion at a time per dataset folder
+# ----------------------------------------------------------------------------------------------
+
+LOCK_FILE = "lock"
+# Locks this process holds: dataset folder -> [file descriptor, depth] (re-entrant per process, so
+# the CLI can take the lock before the converter runs and convert_cases can take it again).
+_HELD_LOCKS: dict[Path, list[int]] = {}
+
+
+def lock_path(dataset_dir: Path) -> Path:
+    return Path(dataset_dir) / BOOKKEEPING_DIR / LOCK_FILE
+
+
+def _read_lock_info(fd: int) -> dict[str, Any]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 65536).decode("utf-8", "replace").strip()
+    if not text:
+        return {}
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return {"command": text[:200]}
+    return info if isinstance(info, dict) else {}
+
+
+def _describe_holder(info: Mapping[str, Any]) -> str:
+    return (
+        f"PID {info.get('pid', '?')} on {info.get('host', '?')} since {info.get('started', '?')} "
+        f"({info.get('command', '?')})"
+    )
+
+
+def _pid_running(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def _folder_holds_only_the_lock(dataset_dir: Path) -> bool:
+    for root, _, files in os.walk(dataset_dir):
+        if any(Path(root, f) != lock_path(dataset_dir) for f in files):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def lock_dataset(spec: DatasetSpec, command: str | None = None) -> Iterator[Path]:
+    """Hold the dataset folder for one conversion; refuse, naming the holder, when another has it.
+
+    The lock is an exclusive ``flock`` on ``DatasetXXX_Name/.l1dfl/lock``, whose content names the
+    holder (PID, host, start time, command; no input paths, which may carry patient names). The
+    kernel drops a flock when its process dies, however it dies, so a lock file that still names a
+    holder while the flock is free belongs to a killed run: it is taken over with a warning, and
+    :func:`prepare_dataset_dir` then rolls back what that run left. On a file system without flock
+    (some network file systems) the PID is checked instead: a holder still running, or on another
+    host, refuses; a dead one on this host is reported with how to clear the lock.
+
+    Checks the dataset ID first (:func:`check_dataset_id_free`), so a refused ID creates nothing;
+    a dataset folder this call created and nothing else filled is removed again on release.
+    Re-entrant within one process. Yields the dataset folder.
+    """
+    check_dataset_id_free(spec.raw_dir, spec.dataset_id, spec.name)
+    dataset_dir = spec.dataset_dir
+    key = dataset_dir.resolve()
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        try:
+            yield dataset_dir
+        finally:
+            _HELD_LOCKS[key][1] -= 1
+        return
+    import fcntl
+
+    created = not dataset_dir.exists()
+    path = lock_path(dataset_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConversionError(f"cannot lock {dataset_dir}: {e.strerror or e}: {e.filename or path}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            have_flock = True
+        except BlockingIOError:
+            raise ConversionError(
+                f"{dataset_dir} is being written by another conversion: {_describe_holder(_read_lock_info(fd))}; "
+                "wait until it has finished (two runs into one dataset delete each other's files)"
+            ) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            have_flock = False
+        previous = _read_lock_info(fd)
+        if previous and have_flock:
+            logger.warning(
+                "the conversion %s that held %s is not running any more but did not release it (killed?): "
+                "taking the lock over; what it left half-written is removed",
+                _describe_holder(previous), path,
+            )  # fmt: skip
+        elif previous:
+            here = previous.get("host") == socket.gethostname()
+            if here and not _pid_running(previous.get("pid")):
+                raise ConversionError(
+                    f"{path}: stale lock of {_describe_holder(previous)}, which is not running any more; this file "
+                    f"system has no flock, so the lock is not taken over automatically: if no conversion into "
+                    f"{dataset_dir} is running, delete {path} and run again"
+                )
+            raise ConversionError(
+                f"{dataset_dir} is being written by another conversion: {_describe_holder(previous)}; wait until "
+                f"it has finished (if it is gone, delete {path})"
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": command or Path(sys.argv[0]).name,
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+    except OSError as e:
+        os.close(fd)
+        raise ConversionError(f"cannot lock {dataset_dir}: {e.strerror or e}: {path}") from e
+    except BaseException:
+        os.close(fd)
+        raise
+    _HELD_LOCKS[key] = [fd, 1]
+    try:
+        yield dataset_dir
+    finally:
+        del _HELD_LOCKS[key]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # released: the file no longer names a holder
+        os.close(fd)
+        if created and _folder_holds_only_the_lock(dataset_dir):
+            shutil.rmtree(dataset_dir, ignore_errors=True)
+
+
 def prepare_dataset_dir(spec: DatasetSpec) -> Path:
     """Create (or reopen) the dataset folder and roll back what an interrupted run left.
 
     Refuses a dataset ID used under another name. Cases with an in-progress marker lose every file
     the marker's run had moved into place; the staging folder is emptied. Files this package did
-    not write are never touched.
+    not write are never touched. Call it holding :func:`lock_dataset` (it empties the staging
+    folder, which a running conversion writes into).
     """
     check_dataset_id_free(spec.raw_dir, spec.dataset_id, spec.name)
     dataset_dir = spec.dataset_dir
+    if dataset_dir.resolve() not in _HELD_LOCKS:
+        logger.debug("prepare_dataset_dir(%s) without the dataset lock", dataset_dir)
     for sub in ("imagesTr", "labelsTr", f"{BOOKKEEPING_DIR}/cases", f"{BOOKKEEPING_DIR}/in_progress"):
         (dataset_dir / sub).mkdir(parents=True, exist_ok=True)
     shutil.rmtree(_staging_dir(dataset_dir), ignore_errors=True)
@@ -253,12 +409,14 @@ def prepare_dataset_dir(spec: DatasetSpec) -> Path:
 
 
 def finished_case_ids(dataset_dir: Path) -> list[str]:
-    """Case IDs in labelsTr with both image channels (whoever wrote them), sorted."""
+    """Case IDs in labelsTr with both image channels (whoever wrote them) and no in-progress
+    marker (a case being moved into place, or interrupted while it was), sorted."""
     labels = sorted(p.name[: -len(FILE_ENDING)] for p in (dataset_dir / "labelsTr").glob(f"*{FILE_ENDING}"))
     return [
         c
         for c in labels
         if all(_images_path(dataset_dir, c, ch).is_file() for ch in (CT_CHANNEL, PET_CHANNEL))
+        and not _marker_path(dataset_dir, c).exists()
     ]
 
 
@@ -322,10 +480,25 @@ class LoadedCase:
     warnings: list[str] = field(default_factory=list)
 
 
-def write_json_atomic(data: Any, path: Path) -> None:
+def write_atomic(path: Path, write: Callable[[Any], None], newline: str | None = None) -> None:
+    """Write a text file by ``write(file)`` into ``<path>.tmp``, flushed to disk, then renamed over
+    ``path``: readers see the old file or the new one, never a part. On failure (a full disk) the
+    temporary file is removed and the old file is left as it was."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8", newline=newline) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=False)))
 
 
 def _read_geometry(path: Path) -> sitk.ImageFileReader:
@@ -366,7 +539,8 @@ def write_case(
     CT and PET are written as float32, the label as uint8; all three must already share the PET
     geometry (within :data:`GEOMETRY_ATOL`; tiny differences are snapped to the PET header).
     Raises :class:`ConversionError` naming the case for NaNs, labels outside ``labels`` or a
-    geometry mismatch, before anything is moved into the dataset.
+    geometry mismatch, before anything is moved into the dataset; :class:`OutputError` when the
+    files cannot be written or do not read back as written (see :func:`_place_case`).
     """
     import SimpleITK as sitk
 
@@ -420,26 +594,99 @@ def write_case(
         "source": metadata.get("source", ""),
     }
 
+    _place_case(dataset_dir, case_id, (ct, pet32, label), record)
+    return record
+
+
+def verify_written_image(path: Path, image: sitk.Image, case_id: str) -> None:
+    """Read a written file back whole and require the voxels and geometry that were meant.
+
+    SimpleITK does not raise when a write comes up short (a full disk, a quota): the file is then
+    truncated and reads back zero-filled. The whole gzip stream is decompressed and checked against
+    the header (:func:`~nnunetv2_l1dfl.conversion.image_io.nifti_problem`), then the voxels are
+    compared with the image in memory; any difference is an :class:`OutputError`.
+    """
+    import SimpleITK as sitk
+
+    from nnunetv2_l1dfl.conversion.image_io import nifti_problem
+
+    problem = nifti_problem(path)
+    if problem:
+        raise OutputError(
+            f"case {case_id}: {path.name} did not read back whole after writing ({problem}): disk full or "
+            f"failing storage under {path.parent}"
+        )
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    meant = sitk.GetArrayViewFromImage(image)
+    if back.dtype != meant.dtype or back.shape != meant.shape or not np.array_equal(back, meant):
+        raise OutputError(
+            f"case {case_id}: {path.name} reads back other voxels than were written "
+            f"({back.dtype} {back.shape} vs {meant.dtype} {meant.shape}): failing storage under {path.parent}"
+        )
+
+
+def _output_error(case_id: str, e: OSError) -> OutputError:
+    where = f" {e.filename}" if e.filename else ""
+    return OutputError(f"case {case_id}: cannot write{where}: {e.strerror or e}")
+
+
+def _place_case(dataset_dir: Path, case_id: str, images: Sequence[sitk.Image], record: dict[str, Any]) -> None:
+    """Stage, verify and move one case's CT, PET and label (and its record) into the dataset.
+
+    1. Write the three files into ``.l1dfl/staging/<case>/``, read each back whole and compare it
+       with what was meant (:func:`verify_written_image`), check one geometry for all three.
+    2. Marker ``.l1dfl/in_progress/<case>`` first; CT, PET, record, label renamed into place;
+       marker removed. nnU-Net does not see the case before the next dataset.json lists it, and
+       :func:`finished_case_ids` (hence dataset.json) skips a case with a marker.
+    3. A failure in step 2 (an OSError) removes what was moved; a crash leaves the marker, and the
+       next run's :func:`prepare_dataset_dir` removes the case's files.
+
+    Every OSError and every file that does not read back is an :class:`OutputError`.
+    """
+    import SimpleITK as sitk
+
     staging = _staging_dir(dataset_dir) / case_id
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     targets = _case_files(dataset_dir, case_id)
     staged = [staging / p.name for p in targets]
-    for image, path in zip((ct, pet32, label), staged):
-        sitk.WriteImage(image, str(path), useCompression=True)
-    check_written_geometry(staged, case_id)
-    write_json_atomic(record, staging / "record.json")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for image, path in zip(images, staged):
+            sitk.WriteImage(image, str(path), useCompression=True)
+            verify_written_image(path, image, case_id)
+        check_written_geometry(staged, case_id)
+        write_json_atomic(record, staging / "record.json")
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _output_error(case_id, e) from e
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
-    # Into place: marker first, label last, marker removed; an interruption is rolled back on resume.
     marker = _marker_path(dataset_dir, case_id)
-    marker.write_text("", encoding="utf-8")
-    os.replace(staged[0], targets[0])
-    os.replace(staged[1], targets[1])
-    os.replace(staging / "record.json", _record_path(dataset_dir, case_id))
-    os.replace(staged[2], targets[2])
-    marker.unlink()
+    moves = [
+        (staged[0], targets[0]),
+        (staged[1], targets[1]),
+        (staging / "record.json", _record_path(dataset_dir, case_id)),
+        (staged[2], targets[2]),
+    ]
+    moved: list[Path] = []
+    try:
+        marker.write_text("", encoding="utf-8")
+        for source, target in moves:
+            os.replace(source, target)
+            moved.append(target)
+        marker.unlink()
+    except OSError as e:
+        try:  # take the case out again; the marker stays if that fails too, for the next run
+            for target in moved:
+                target.unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
+        except OSError:
+            logger.warning("case %s: could not remove its partial files; the next run removes them", case_id)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _output_error(case_id, e) from e
     shutil.rmtree(staging, ignore_errors=True)
-    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,15 +694,32 @@ def write_case(
 # ----------------------------------------------------------------------------------------------
 
 
-def write_dataset_json(spec: DatasetSpec) -> dict[str, Any]:
-    """dataset.json for the cases on disk (``numTraining`` counts finished cases)."""
+def dataset_listing(dataset_dir: Path, case_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """dataset.json's ``"dataset"`` entry: per case its image and label files, relative to the
+    dataset folder. nnU-Net (2.x) enumerates exactly these cases when the key is present
+    (``nnunetv2.utilities.utils.get_filenames_of_train_images_and_targets``) and ignores any other
+    file in imagesTr/labelsTr, so a case is visible to it only once all its files are in place."""
+    return {
+        c: {
+            "images": [f"imagesTr/{_images_path(dataset_dir, c, ch).name}" for ch in (CT_CHANNEL, PET_CHANNEL)],
+            "label": f"labelsTr/{_label_path(dataset_dir, c).name}",
+        }
+        for c in case_ids
+    }
+
+
+def write_dataset_json(spec: DatasetSpec, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """dataset.json listing the finished cases on disk except ``exclude`` (cases about to be
+    rewritten), under ``"dataset"``; ``numTraining`` counts them. Written atomically."""
     from nnunetv2_l1dfl import __version__
 
     dataset_dir = spec.dataset_dir
+    excluded = set(exclude)
+    cases = [c for c in finished_case_ids(dataset_dir) if c not in excluded]
     dataset_json = {
         "channel_names": {str(CT_CHANNEL): "CT", str(PET_CHANNEL): spec.pet_norm},
         "labels": dict(spec.labels),
-        "numTraining": len(finished_case_ids(dataset_dir)),
+        "numTraining": len(cases),
         "file_ending": FILE_ENDING,
         "name": spec.name,
         "description": spec.description,
@@ -464,6 +728,7 @@ def write_dataset_json(spec: DatasetSpec) -> dict[str, Any]:
         "converted_by": f"nnunetv2-l1dfl {__version__}",
         "case_metadata": METADATA_FILE,
         **spec.extra_json,
+        "dataset": dataset_listing(dataset_dir, cases),
     }
     write_json_atomic(dataset_json, dataset_dir / "dataset.json")
     return dataset_json
@@ -482,15 +747,17 @@ def read_records(dataset_dir: Path) -> list[dict[str, Any]]:
 def write_metadata_table(dataset_dir: Path) -> Path:
     """``case_metadata.csv``: one row per finished case, warnings joined by ``" | "``."""
     path = dataset_dir / METADATA_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    records = read_records(dataset_dir)
+
+    def write(f) -> None:
         writer = csv.DictWriter(f, fieldnames=METADATA_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        for record in read_records(dataset_dir):
+        for record in records:
             row = dict(record)
             row["warnings"] = " | ".join(record.get("warnings", []))
             writer.writerow(row)
-    os.replace(tmp, path)
+
+    write_atomic(path, write, newline="")
     return path
 
 

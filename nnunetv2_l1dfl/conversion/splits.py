@@ -19,7 +19,7 @@ def make_patient_splits(case_patients: Mapping[str, str], n_folds: int = 5) -> l
     the result depends only on the mapping. Raises when there are fewer patients than folds.
     """
     if n_folds < 2:
-        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+        raise ConversionError(f"--folds must be at least 2 (cross-validation), got {n_folds}")
     by_patient: dict[str, list[str]] = {}
     for case_id, patient in case_patients.items():
         by_patient.setdefault(patient, []).append(case_id)
