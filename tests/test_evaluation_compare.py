@@ -237,7 +237,8 @@ def test_help_lists_the_options(capsys):
         main(["compare", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--criterion", "--pet-channel", "--empty-policy", "--dmax-edges", "-np", "--pred"):
+    for option in ("--criterion", "--pet-channel", "--empty-policy", "--dmax-edges", "-np", "--pred", "--lesion-dsc",
+                   "--equivalence-margin", "--tdi-coverage"):  # fmt: skip
         assert option in text
 
 
