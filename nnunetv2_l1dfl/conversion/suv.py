@@ -1,4 +1,4 @@
-"""PET DICOM to SUVbw, following the QIBA / IBSI SUV decision tree.
+"""PET DICOM to SUVbw, following the QIBA / IBSI SUV decision tree (every branch, bound and why: docs/suv.md).
 
     SUVbw = activity concentration (Bq/ml) * body weight (g) / injected dose decay-corrected (Bq)
 
@@ -7,27 +7,32 @@ The steps (``read_pet_suv``), each recorded in ``SUVResult.branch``:
 1. Per-slice RescaleSlope / RescaleIntercept in float32 (``dicom_series.load_slice_stack``).
 2. Units (0054,1001): ``BQML`` continue; ``CNTS`` (Philips) uses the private SUV scale factor
    (7053,1000) (gives SUV directly) or the activity concentration scale factor (7053,1009) (gives
-   Bq/ml, then as BQML); ``GML`` is already SUV, accepted when SUV Type (0054,1006) is ``BW`` (absent
-   SUV Type is taken as BW with a warning and says so in the branch; LBM/BSA/IBW are refused);
-   ``CM2ML`` is SUVbsa and refused (see below); anything else is refused.
+   Bq/ml, then as BQML); ``CPS`` is divided by the voxel volume when dose calibrated (DCAL in
+   CorrectedImage (0028,0051)), else multiplied by DoseCalibrationFactor (0054,1322) first, and needs
+   ATTN (and DECY) among the corrections; ``GML`` is SUV of the SUVType (0054,1006): BW (or absent) as
+   is, LBM / LBMJAMES128 / LBMJANMA / IBW back to SUVbw by W / F (PatientSize, PatientSex; sex O: the
+   mean of the male and female factors); ``CM2ML`` is SUVbsa, back to SUVbw by W / BSA (Du Bois).
 3. Decay correction (0054,1102): ``ADMIN`` (already corrected to injection, no decay factor);
    ``START`` (decay the dose to the reference time); ``NONE`` (correct every slice from its own
    AcquisitionDate/Time to injection, times the frame-duration factor lambda*T/(1-exp(-lambda*T))).
-4. Reference time for START: SeriesDate/Time unless it is after the earliest AcquisitionDate/Time;
-   then the GE private scan start (0009,100D); then back-computed per slice as
-   AcquisitionDateTime - (FrameReferenceTime - average-count-rate time within the frame).
+4. Reference time for START: SeriesDate/Time unless it is after the earliest AcquisitionDate/Time or
+   more than an hour before it; then the GE private scan start (0009,100D); then back-computed per
+   slice as AcquisitionDateTime - (FrameReferenceTime - average-count-rate time within the frame), or
+   AcquisitionDateTime - FrameReferenceTime in a series whose FrameReferenceTime 0 says it is measured
+   to the frame start. DecayFactor (0054,1321), when recorded (not 1), must agree with the reference.
 5. Injection: RadiopharmaceuticalStartDateTime (0018,1078), else RadiopharmaceuticalStartTime
-   (0018,1072) on the series date, one day earlier if that falls after the reference (midnight).
+   (0018,1072) on the reference date, one day earlier if that falls after the reference (midnight)
+   only when the resulting uptake is plausible.
 6. A dose below 1e4 was entered in MBq (times 1e6); a weight above 1000 was entered in grams.
 7. Half-life from RadionuclideHalfLife (0018,1075), checked against the nuclide: the one named by
-   RadionuclideCodeSequence (0054,0300) (code value or meaning) or Radionuclide (0018,0030) must
-   have that half-life within 2 %; with no nuclide named, the value must be within 2 % of some PET
-   nuclide's (:data:`PET_HALF_LIVES_S`, extended per call by ``extra_half_lives`` / ``--nuclide``).
-   Minutes typed for seconds (109.77 for F-18) would otherwise give SUVs of 1e10 without complaint.
-
-CM2ML (SUVbsa, cm2/ml) is an error rather than a conversion: SUVbw = SUVbsa * weight / BSA needs
-the body-surface-area formula the scanner used (Du Bois, Mosteller, Haycock...), which the header does
-not record, so any choice could be silently wrong by several per cent. Export the series in BQML.
+   RadionuclideCodeSequence (0054,0300) (code value or meaning), Radionuclide (0018,0030), the tracer
+   name Radiopharmaceutical (0018,0031) ("18F-DCFPyL") or RadiopharmaceuticalCodeSequence (0054,0304)
+   must have that half-life within 2 % (fields naming different nuclides are an error); with no
+   nuclide named, the value must be within 2 % of some PET nuclide's (:data:`PET_HALF_LIVES_S`,
+   extended per call by ``extra_half_lives`` / ``--nuclide``).
+8. Plausibility (:func:`suv_plausibility_problems`): weight, dose, uptake time and SUVmax outside
+   physiological bounds are an error naming the likely tag, unless ``allow_implausible_suv``
+   (``--allow-implausible-suv``) accepts them as recorded warnings.
 
 Every missing or contradictory attribute that the chosen branch needs raises ``SUVError`` with the
 case, the attribute and its tag; nothing falls back silently.
