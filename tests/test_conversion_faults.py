@@ -416,3 +416,59 @@ def test_without_flock_a_stale_lock_is_reported_with_how_to_clear_it(tmp_path, c
     err = capsys.readouterr().err
     _assert_fault_report(code, err, f"PID {dead.pid}", str(lock), "delete")
     time.sleep(0)
+
+
+# ----------------------------------------------------------------------------- pseudonymized console
+
+PATIENT_NAME, PATIENT_ID = "DOE^JOHNATHAN", "MRN-8675309"
+OTHER_NAME, OTHER_ID = "ROE^RICHARDINE", "MRN-5551234"
+
+
+def _phantom_study(folder: Path, patient_id: str, patient_name: str, *, omit=()) -> dict[str, str]:
+    from _dicom_factories import write_ct_series, write_pet_series, write_rtstruct
+    from pydicom.uid import generate_uid
+
+    uids = {"study": generate_uid(), "frame": generate_uid(), "pet": generate_uid(), "ct": generate_uid()}
+    common = dict(patient_id=patient_id, patient_name=patient_name, study_uid=uids["study"],
+                  frame_of_reference_uid=uids["frame"], study_date="20240101")  # fmt: skip
+    weight, dose, half_life = 75.0, 3.5e8, 6586.2
+    bqml_per_suv = dose * 2.0 ** (-3600.0 / half_life) / (weight * 1000.0)
+    pet_files = write_pet_series(
+        folder / "pet", h.pet_suv_volume() * bqml_per_suv, h.PET_SPACING, h.PET_ORIGIN, weight_kg=weight,
+        dose_bq=dose, half_life=half_life, series_uid=uids["pet"], omit=omit, **common,
+    )  # fmt: skip
+    write_ct_series(folder / "ct", h.ct_volume(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN), h.PET_SPACING,
+                    h.PET_ORIGIN, series_uid=uids["ct"], **common)  # fmt: skip
+    write_rtstruct(folder / "rt" / "rs.dcm", pet_files,
+                   {f"lesion {patient_name.split('^')[1].title()}": h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN)})  # fmt: skip
+    return uids
+
+
+def test_pseudonymized_run_prints_and_logs_no_identifier(tmp_path, capsys, caplog):
+    """A pseudonymized conversion of phantom DICOM whose identifiers are known: one patient converts,
+    one fails (no PatientWeight, so its reason names a file and a tag), a corrupt file is skipped.
+    Nothing printed, logged or written into the dataset may hold a name, ID, UID or input path."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    root = tmp_path / "export" / f"{PATIENT_NAME.replace('^', '_')}_{PATIENT_ID}"
+    ok = _phantom_study(root / "study1", PATIENT_ID, PATIENT_NAME)
+    bad = _phantom_study(root.parent / f"{OTHER_ID}" / "s", OTHER_ID, OTHER_NAME, omit=["PatientWeight"])
+    (root / "junk.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
+    raw = tmp_path / "raw"
+    code = main(["convert", "dicom", str(root.parent), "-d", "936", "-n", "Pseudo", "-o", str(raw),
+                 "--pseudonymize", "-np", "2"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1, captured.err  # the patient without weight fails
+    dataset = raw / "Dataset936_Pseudo"
+    assert len(list((dataset / "labelsTr").glob("*.nii.gz"))) == 1
+    texts = {"stdout": captured.out, "stderr": captured.err, "log": caplog.text}
+    texts |= {str(p): p.read_text(errors="replace") for p in dataset.rglob("*") if p.suffix in (".json", ".csv", ".log", "")
+              and p.is_file() and p.name != "lock"}  # fmt: skip
+    texts |= {str(p): p.read_text(errors="replace") for p in raw.rglob("*.log")}
+    identifiers = [PATIENT_NAME, "JOHNATHAN", "Johnathan", PATIENT_ID, OTHER_NAME, "RICHARDINE", OTHER_ID,
+                   str(tmp_path / "export"), *ok.values(), *bad.values()]  # fmt: skip
+    for where, text in texts.items():
+        for identifier in identifiers:
+            assert identifier.lower() not in text.lower(), f"{identifier!r} in {where}:\n{text}"
+    assert "PatientWeight" in captured.err  # the reason itself is still there, with the case ID
