@@ -124,19 +124,20 @@ def identity_conflict(a: DicomSeries, b: DicomSeries) -> str:
 def patient_id_conflicts(all_series: Sequence[DicomSeries]) -> dict[str, str]:
     """PatientIDs that name more than one person (PatientName / PatientBirthDate contradict): the reason.
 
-    Such studies must not be merged into one patient (one split group) by their ID.
+    Such studies must not be merged into one patient (one split group) by their ID. An empty
+    PatientID counts as one ID too (such studies would all fall into one patient group).
     """
     by_id: dict[str, list[DicomSeries]] = {}
     for series in all_series:
-        if series.patient_id:
-            by_id.setdefault(series.patient_id, []).append(series)
+        by_id.setdefault(series.patient_id, []).append(series)
     conflicts = {}
     for patient_id, members in by_id.items():
         for i, a in enumerate(members):
             reason = next((r for b in members[i + 1 :] if (r := identity_conflict(a, b))), "")
             if reason:
+                which = "one PatientID (0010,0020)" if patient_id else "an empty PatientID (0010,0020)"
                 conflicts[patient_id] = (
-                    f"one PatientID (0010,0020) for different patients: {reason}; not merged into one patient "
+                    f"{which} for different patients: {reason}; not merged into one patient "
                     "(fix the headers, or name each study's patient in the patient column of --manifest)"
                 )
                 break

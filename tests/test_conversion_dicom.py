@@ -442,3 +442,15 @@ def test_manifest_blank_mask_cell_fails_unless_allowed(tmp_path, capsys):
     capsys.readouterr()
     row = _metadata(raw / "Dataset501_Dicom")["blank"]
     assert row["n_lesions"] == "0" and "lesion-free (--allow-missing-mask)" in row["warnings"]
+
+
+def test_an_empty_patient_id_for_two_people_is_not_merged(tmp_path, capsys):
+    """Without PatientID every study would fall into one patient group: different names fail."""
+    root = tmp_path / "export"
+    for folder, date, name in (("a", "20240101", "DOE^JANE"), ("b", "20240301", "ROE^RICHARD")):
+        _study(root / folder, "", date, ct_grid="pet", mask="rtstruct-on-pet")
+        _edit(sorted((root / folder).rglob("*.dcm")), PatientName=name)
+    assert _convert(root, tmp_path / "raw") == 1
+    out, err = capsys.readouterr()
+    assert len(re.findall(r"FAILED .*: an empty PatientID \(0010,0020\) for different patients: PatientName \(0010,0010\) differs", err)) == 2, err
+    assert "0 converted" in out
