@@ -50,6 +50,7 @@ setup(
         "pydicom>=2.4",
         "nibabel>=5.0",
         "highdicom>=0.22",
+        "scikit-image>=0.19",
         "connected-components-3d>=3.12",
         "scipy>=1.10",
         "matplotlib>=3.7",

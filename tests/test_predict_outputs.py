@@ -210,7 +210,7 @@ def test_batch_writes_everything_reports_failures_and_keeps_patient_ids_off_the_
     out.mkdir()
     caplog.set_level(logging.DEBUG)
     summary = run_batch(discovery.studies, lambda: FixedPredictor(label), spec(tmp_path), out,
-                        PredictOptions(save_probabilities=True), progress=False)  # fmt: skip
+                        PredictOptions(save_probabilities=True, num_workers=2), progress=False)  # fmt: skip
     assert len(summary.done) == 1 and len(summary.failed) == 1
     (failed_case, reason), = summary.failed.items()
     assert "PatientWeight" in reason and failed_case in reason

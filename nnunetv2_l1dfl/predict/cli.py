@@ -54,8 +54,11 @@ def _predict_entry(args: argparse.Namespace) -> int:
             dataset=args.dataset, configuration=args.configuration, trainer=args.trainer, plans=args.plans,
             model=args.model, folds=args.folds, checkpoint=args.checkpoint, extract_into=extracted,
         )  # fmt: skip
+        if args.num_processes < 1:
+            raise StudyError(f"-np must be >= 1, got {args.num_processes}")
         options = PredictOptions(output_types=types, save_probabilities=args.save_probabilities,
-                                 overwrite=args.overwrite, extra_half_lives=dict(args.nuclide or ()))
+                                 overwrite=args.overwrite, num_workers=args.num_processes,
+                                 extra_half_lives=dict(args.nuclide or ()))
         if discovery.skipped_files:
             print(f"{discovery.skipped_files} file(s) under {args.input} skipped while reading DICOM headers (-v lists them)")
         summary = run_batch(
@@ -107,8 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (faster)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write probabilities.npz (nnU-Net's format)")
     parser.add_argument("-np", "--num-processes", type=int, default=1, metavar="N",
-                        help="accepted for nnU-Net familiarity; studies are read and predicted one after another in this "
-                        "process (default: 1)")
+                        help="studies read (DICOM, SUV, CT onto the PET grid) in N threads ahead of the prediction, which "
+                        "runs one study at a time (default: 1, strictly in turn)")
     parser.add_argument("--output-types", nargs="+", choices=("seg", "rtstruct", "nifti"), default=None,
                         help="which image outputs to write (default: all the input allows; lesions.csv/json and mip.png "
                         "are always written)")

@@ -260,4 +260,4 @@ def build_predictor(spec: ModelSpec, device: str = "cuda", use_mirroring: bool =
 
 def temporary_extraction_dir(parent: Path | None = None) -> Path:
     """A fresh folder for an extracted zip (under ``parent`` when given)."""
-    return Path(tempfile.mkdtemp(prefix="l1dfl-model-", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=".l1dfl-model-", dir=parent))

@@ -16,7 +16,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +49,7 @@ class PredictOptions:
     output_types: tuple[str, ...] = OUTPUT_TYPES
     save_probabilities: bool = False
     overwrite: bool = False
+    num_workers: int = 1
     extra_half_lives: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -231,27 +234,59 @@ def run_batch(
         else:
             todo.append(study)
     predictor = predictor_factory() if todo else None  # a model that cannot load fails the run, not a study
-    bar = tqdm(todo, desc="predicting", unit="study", disable=not progress)
-    for study in bar:
-        bar.set_postfix_str(study.case_id)
+
+    def load(study: Study) -> tuple[Path, LoadedStudy | None, BaseException | None]:
         partial = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{study.case_id}-", dir=out_dir))
         try:
-            loaded = load_study(study, partial / "inputs", file_ending=spec.file_ending,
-                                extra_half_lives=options.extra_half_lives)
-            result = write_study(loaded, predictor, spec, partial, options)
-            shutil.rmtree(partial / "inputs", ignore_errors=True)
-            _move_into_place(partial, out_dir / study.case_id)
-        except StudyError as e:
-            summary.failed[study.case_id] = str(e)
-        except Exception as e:  # noqa: BLE001 - one study's unexpected failure must not stop the batch
-            logger.debug("case %s failed", study.case_id, exc_info=True)
-            text = str(e).strip().splitlines()
-            summary.failed[study.case_id] = f"case {study.case_id}: {type(e).__name__}: {text[-1] if text else ''}"
-        else:
-            summary.done.append(study.case_id)
-            summary.lesions[study.case_id] = int(result["n_lesions"])
-            logger.info("case %s: %d lesion(s)", study.case_id, result["n_lesions"])
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+            return partial, load_study(study, partial / "inputs", file_ending=spec.file_ending,
+                                       extra_half_lives=options.extra_half_lives), None  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - reported below, with the study
+            return partial, None, e
+
+    # Up to num_workers studies are read ahead in threads while one is predicted (1: strictly in turn).
+    pool = ThreadPoolExecutor(max_workers=options.num_workers) if options.num_workers > 1 and len(todo) > 1 else None
+    queue: deque[tuple[Study, Future | None]] = deque()
+    upcoming = iter(todo)
+
+    def read_ahead() -> None:
+        study = next(upcoming, None)
+        if study is not None:
+            queue.append((study, pool.submit(load, study) if pool is not None else None))
+
+    for _ in range(options.num_workers if pool is not None else 1):
+        read_ahead()
+    bar = tqdm(total=len(todo), desc="predicting", unit="study", disable=not progress)
+    try:
+        while queue:
+            study, future = queue.popleft()
+            bar.set_postfix_str(study.case_id)
+            partial, loaded, error = future.result() if future is not None else load(study)
+            read_ahead()
+            try:
+                if error is not None:
+                    raise error
+                result = write_study(loaded, predictor, spec, partial, options)
+                shutil.rmtree(partial / "inputs", ignore_errors=True)
+                _move_into_place(partial, out_dir / study.case_id)
+            except StudyError as e:
+                summary.failed[study.case_id] = str(e)
+            except Exception as e:  # noqa: BLE001 - one study's unexpected failure must not stop the batch
+                logger.debug("case %s failed", study.case_id, exc_info=True)
+                text = str(e).strip().splitlines()
+                summary.failed[study.case_id] = f"case {study.case_id}: {type(e).__name__}: {text[-1] if text else ''}"
+            else:
+                summary.done.append(study.case_id)
+                summary.lesions[study.case_id] = int(result["n_lesions"])
+                logger.info("case %s: %d lesion(s)", study.case_id, result["n_lesions"])
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+                bar.update(1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for _, future in queue:  # interrupted: studies read ahead but never predicted
+                if future is not None and future.done() and not future.cancelled():
+                    shutil.rmtree(future.result()[0], ignore_errors=True)
     summary.seconds = time.perf_counter() - start
     return summary
