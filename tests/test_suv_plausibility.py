@@ -285,3 +285,18 @@ def test_convert_dicom_fails_the_case_and_the_opt_in_records_the_reason(tmp_path
         (row,) = list(csv.DictReader(f))
     assert "implausible SUV accepted (--allow-implausible-suv): RadionuclideTotalDose (0018,1074)" in row["warnings"]
     assert row["suv_branch"].endswith("implausible-accepted") and float(row["suv_max"]) > 1000
+
+
+def test_ge_private_scan_start_far_from_the_acquisition_is_not_the_reference(tmp_path):
+    import datetime as dt
+
+    # SeriesTime re-saved after the scan; the GE scan start (0009,100D) 20 days earlier: both rejected,
+    # the reference is back-computed from AcquisitionTime 11:10 and FrameReferenceTime.
+    write_pet_series(
+        tmp_path, _activity(3), series_time="120000", acquisition_times=["111000"] * SHAPE[0],
+        Manufacturer="GE MEDICAL SYSTEMS", private={(0x0009, 0x100D): ("DT", "20231212110000.00")},
+    )  # fmt: skip
+    result = _read(tmp_path)
+    assert "START|GE-private-rejected|back-computed" in result.branch
+    reference = dt.datetime.fromisoformat(result.details["reference_time"])
+    assert abs((reference - dt.datetime(2024, 1, 1, 11, 10)).total_seconds()) < 1.0

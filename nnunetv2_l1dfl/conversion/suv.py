@@ -981,7 +981,16 @@ def _reference_time(header: _Header, decay_constant: float) -> tuple[dt.datetime
             when = _parse_datetime(value.strip("\x00 "))
         except ValueError as e:
             raise header.error(f"unreadable GE private scan start (0009,100D): {ge_start.value!r} ({e})") from None
-        return when, f"{rejected}GE-private(0009,100D)", "GE private scan start (0009,100D)"
+        gap_s = (earliest - when).total_seconds() if earliest is not None else 0.0
+        if 0 <= gap_s <= MAX_SERIES_BEFORE_ACQUISITION_S:
+            return when, f"{rejected}GE-private(0009,100D)", "GE private scan start (0009,100D)"
+        # Held to the same window as SeriesTime: a scan start after the acquisition, or hours before it, is not this scan's.
+        why_not_series += (
+            f", and the GE private scan start (0009,100D) {when.isoformat()} is {_duration(abs(gap_s))} "
+            f"{'after' if gap_s < 0 else 'before'} it"
+        )
+        rejected += "GE-private-rejected|"
+        logger.info("%s: %s", header.case, why_not_series)
     if not acquisitions:
         raise header.error(f"DecayCorrection START: {why_not_series} and there is no AcquisitionTime (0008,0032)")
     frames = []
@@ -989,8 +998,8 @@ def _reference_time(header: _Header, decay_constant: float) -> tuple[dt.datetime
         duration, frame_reference = ds.get("ActualFrameDuration"), ds.get("FrameReferenceTime")
         if duration in (None, "") or frame_reference in (None, ""):
             raise header.error(
-                f"{path.name}: {why_not_series} and there is no GE scan start (0009,100D); back-computing the "
-                "scan start needs ActualFrameDuration (0018,1242) and FrameReferenceTime (0054,1300)"
+                f"{path.name}: {why_not_series}{'' if ge_start is not None else ' and there is no GE scan start (0009,100D)'}; "
+                "back-computing the scan start needs ActualFrameDuration (0018,1242) and FrameReferenceTime (0054,1300)"
             )
         when = header.per_slice_datetime(ds, path)
         if when is None:
