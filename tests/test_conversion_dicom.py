@@ -454,3 +454,15 @@ def test_an_empty_patient_id_for_two_people_is_not_merged(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert len(re.findall(r"FAILED .*: an empty PatientID \(0010,0020\) for different patients: PatientName \(0010,0010\) differs", err)) == 2, err
     assert "0 converted" in out
+
+
+def test_a_pet_labelled_ct_throughout_is_found_by_its_sop_class_and_fails(tmp_path, capsys):
+    root = tmp_path / "export"
+    _study(root / "good", "GOOD", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    study = _study(root / "ct_pet", "LABELLED", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    _edit(study["pet"], Modality="CT")
+    raw = tmp_path / "raw"
+    assert _convert(root, raw) == 1
+    out, err = capsys.readouterr()
+    assert re.search(r"FAILED LABELLED_20240101: .*pet_000\.dcm: Modality \(0008,0060\) 'CT' contradicts SOPClassUID", err), err
+    assert "PET series: 2 found; 1 converted, 0 already done, 1 failed, 0 skipped" in out

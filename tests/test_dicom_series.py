@@ -258,3 +258,20 @@ def test_slice_stack_refuses_files_of_another_series_or_modality(tmp_path):
     ds.save_as(c[1])
     with pytest.raises(DicomSeriesError, match=rf"^{c[1]}: PatientID \(0010,0020\)"):
         read_ct_hu(c)
+
+
+def test_modality_contradicting_the_sop_class_is_a_problem(tmp_path):
+    """A PET series whose every file says Modality CT is still found as PET (by its SOP class), and refused."""
+    pet = write_pet_series(tmp_path / "pet", np.ones((3, 4, 4)))
+    for path in pet:
+        ds = pydicom.dcmread(path)
+        ds.Modality = "CT"
+        ds.save_as(path)
+    (series,), _ = discover_series(tmp_path)
+    assert series.modality == "CT" and series.has_pet_files and series.modalities == ("CT", "PT")
+    assert series.problem == (
+        f"{pet[0]}: Modality (0008,0060) 'CT' contradicts SOPClassUID (0008,0016) 1.2.840.10008.5.1.4.1.1.128 "
+        "(a PT image storage class)"
+    )
+    with pytest.raises(DicomSeriesError, match=r"contradicts SOPClassUID \(0008,0016\)"):
+        read_ct_hu(pet)

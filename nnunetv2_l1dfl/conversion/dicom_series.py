@@ -125,7 +125,8 @@ class DicomSeries:
 
     files: every instance of the series, sorted by path. referenced_series_uids: for RTSTRUCT and
     SEG, the SeriesInstanceUIDs of the image series they were drawn on; ``()`` otherwise.
-    modality: the value most files carry; modalities: every value seen. corrected_image: the
+    modality: the value most files carry; modalities: every value seen, and those the image SOP
+    classes imply (a PET SOP class labelled CT still counts as PET). corrected_image: the
     CorrectedImage (0028,0051) values, ``None`` when absent. problem: '' or why the files cannot be
     one series (they disagree on an attribute of :data:`SERIES_CONSISTENT_ATTRIBUTES`; the
     message names a file and the tag): such a series must fail, never be read.
@@ -158,6 +159,7 @@ class DicomSeries:
 # series' ``problem``: a series mixing modalities or patients is never read as one volume.
 SERIES_CONSISTENT_ATTRIBUTES = (
     ("Modality", "(0008,0060)"),
+    ("SOPClassUID", "(0008,0016)"),
     ("PatientID", "(0010,0020)"),
     ("PatientName", "(0010,0010)"),
     ("PatientBirthDate", "(0010,0030)"),
@@ -167,11 +169,40 @@ SERIES_CONSISTENT_ATTRIBUTES = (
 # What the slices handed to ``load_slice_stack`` must share, whoever grouped them.
 SLICE_STACK_CONSISTENT_ATTRIBUTES = (
     ("Modality", "(0008,0060)"),
+    ("SOPClassUID", "(0008,0016)"),
     ("SeriesInstanceUID", "(0020,000E)"),
     ("PatientID", "(0010,0020)"),
     ("PatientName", "(0010,0010)"),
     ("PatientBirthDate", "(0010,0030)"),
 )
+
+
+# Image storage SOP classes (PS3.4) and the modality they imply: CT, enhanced / legacy converted CT,
+# PET, enhanced / legacy converted PET, MR, enhanced MR, enhanced MR color.
+SOP_CLASS_MODALITY = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT",
+    "1.2.840.10008.5.1.4.1.1.2.1": "CT",
+    "1.2.840.10008.5.1.4.1.1.2.2": "CT",
+    "1.2.840.10008.5.1.4.1.1.128": "PT",
+    "1.2.840.10008.5.1.4.1.1.130": "PT",
+    "1.2.840.10008.5.1.4.1.1.128.1": "PT",
+    "1.2.840.10008.5.1.4.1.1.4": "MR",
+    "1.2.840.10008.5.1.4.1.1.4.1": "MR",
+    "1.2.840.10008.5.1.4.1.1.4.3": "MR",
+}
+
+
+def _sop_class_problem(members: Sequence[tuple[Path, pydicom.Dataset]]) -> str:
+    """A file whose Modality (0008,0060) contradicts its image SOPClassUID (0008,0016), or ''."""
+    for path, ds in members:
+        sop_class = _text(ds, "SOPClassUID")
+        implied = SOP_CLASS_MODALITY.get(sop_class)
+        if implied and _text(ds, "Modality") != implied:
+            return (
+                f"{path}: Modality (0008,0060) {_text(ds, 'Modality')!r} contradicts SOPClassUID (0008,0016) "
+                f"{sop_class} (a {implied} image storage class)"
+            )
+    return ""
 
 
 def _series_problem(
@@ -316,8 +347,11 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
                 continue
             seen[sop] = path
             members.append((path, ds))
-        problem = _series_problem(uid, members)
-        modalities = tuple(sorted({_text(ds, "Modality") for _, ds in members}))
+        problem = _series_problem(uid, members) or _sop_class_problem(members)
+        modalities = tuple(sorted(
+            {_text(ds, "Modality") for _, ds in members}
+            | {SOP_CLASS_MODALITY[c] for _, ds in members if (c := _text(ds, "SOPClassUID")) in SOP_CLASS_MODALITY}
+        ))  # fmt: skip
         modality = Counter(_text(ds, "Modality") for _, ds in members).most_common(1)[0][0]
         first = next(ds for _, ds in members if _text(ds, "Modality") == modality)
         if problem:
@@ -490,7 +524,8 @@ def load_slice_stack(files: Sequence[Path], what: str = "series", modality: str 
         datasets.append(ds)
         paths.append(Path(path))
 
-    problem = _series_problem(what, list(zip(paths, datasets)), SLICE_STACK_CONSISTENT_ATTRIBUTES)
+    members = list(zip(paths, datasets))
+    problem = _series_problem(what, members, SLICE_STACK_CONSISTENT_ATTRIBUTES) or _sop_class_problem(members)
     if problem:
         raise DicomSeriesError(problem)
     first, first_path = datasets[0], paths[0]
