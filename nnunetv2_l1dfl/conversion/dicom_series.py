@@ -355,7 +355,7 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
         modality = Counter(_text(ds, "Modality") for _, ds in members).most_common(1)[0][0]
         first = next(ds for _, ds in members if _text(ds, "Modality") == modality)
         if problem:
-            logger.warning("series %s: %s", uid, problem)
+            logger.info("series %s: %s", uid, problem)
         referenced = list(dict.fromkeys(u for _, ds in members for u in _referenced_series(ds)))
         series.append(
             DicomSeries(
@@ -487,7 +487,11 @@ def _check_number_of_slices(datasets: Sequence[pydicom.Dataset], paths: Sequence
     raise DicomSeriesError(
         f"{paths[0]}: NumberOfSlices (0054,0081) is {expected} but the {what} has {len(datasets)} files"
         + (f"; ImageIndex (0054,1330) {', '.join(map(str, missing[:10]))} missing" if missing else "")
-        + " (incomplete series: a slice was lost or a file belongs to another series)"
+        + (
+            " (incomplete series: a slice was lost, or its file carries another SeriesInstanceUID)"
+            if len(datasets) < expected
+            else " (more files than slices: a dynamic or gated series with several frames per position)"
+        )
     )
 
 
