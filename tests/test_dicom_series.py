@@ -275,3 +275,14 @@ def test_modality_contradicting_the_sop_class_is_a_problem(tmp_path):
     )
     with pytest.raises(DicomSeriesError, match=r"contradicts SOPClassUID \(0008,0016\)"):
         read_ct_hu(pet)
+
+
+def test_file_meta_without_preamble_is_read(tmp_path):
+    """Some writers drop only the 128-byte preamble and 'DICM', keeping the (0002,xxxx) file meta group."""
+    hu = np.arange(2 * 3 * 4, dtype=np.float64).reshape(2, 3, 4)
+    files = write_ct_series(tmp_path, hu)
+    for path in files:
+        path.write_bytes(path.read_bytes()[132:])
+    ds = read_dicom(files[0])
+    assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.1"  # from the kept meta, not guessed
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_ct_hu(files)), hu.astype(np.float32))
