@@ -124,3 +124,13 @@ def test_integer_nifti_with_scaling_and_nifti2_are_read(tmp_path):
     data = two.read_bytes()
     two.write_bytes(data[:-10])
     assert nifti_problem(two).startswith("truncated: the header (dim (4, 5, 6), float32, data at byte 544)")
+
+
+def test_uncompressed_file_named_nii_gz_is_checked_as_nifti(tmp_path, pet_volume):
+    raw = tmp_path / "pet.nii"
+    sitk.WriteImage(_image(pet_volume), str(raw))
+    misnamed = tmp_path / "pet.nii.gz"
+    misnamed.write_bytes(raw.read_bytes())
+    assert nifti_problem(misnamed) == ""
+    misnamed.write_bytes(raw.read_bytes()[:-4])
+    assert nifti_problem(misnamed).startswith("truncated: the header (dim (16, 20, 12), float32")

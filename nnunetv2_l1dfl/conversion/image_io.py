@@ -30,7 +30,9 @@ _CHUNK_BYTES = 1 << 22
 
 def _decompressed_bytes(path: Path) -> tuple[bytes, str]:
     """The file's bytes, gunzipped for ``.gz`` (the whole stream); '' or why it is truncated/corrupt."""
-    if not path.name.lower().endswith(".gz"):
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if not path.name.lower().endswith(".gz") or magic != b"\x1f\x8b":  # a '.gz' not compressed: read as is
         return path.read_bytes(), ""
     out = bytearray()
     try:
