@@ -472,3 +472,26 @@ def test_pseudonymized_run_prints_and_logs_no_identifier(tmp_path, capsys, caplo
         for identifier in identifiers:
             assert identifier.lower() not in text.lower(), f"{identifier!r} in {where}:\n{text}"
     assert "PatientWeight" in captured.err  # the reason itself is still there, with the case ID
+
+
+def test_redactor_unit(tmp_path, capsys):
+    import logging
+    import pickle
+
+    from nnunetv2_l1dfl.conversion.redact import Redactor, active_redactor, register_identifier
+
+    redactor = Redactor([tmp_path / "in"])
+    text = f"cannot read {tmp_path / 'in' / 'DOE_JOHN' / 'pet' / 'x.dcm'}: series 1.2.826.0.1.3680043.8.498.12345, v2.8.1"
+    assert redactor.redact(text) == "cannot read <input>/.../x.dcm: series <UID>, v2.8.1"
+    with redactor.active():
+        assert active_redactor() is redactor
+        register_identifier("DOE^JOHN", "P0123456789")
+        print("patient Doe^John (john) at", tmp_path / "in")
+        logging.getLogger("some.module").warning("PatientID DOE^JOHN in %s", tmp_path / "in" / "a.dcm")
+        copy = pickle.loads(pickle.dumps(redactor))  # what a worker gets
+        copy.install()  # merged into the active one, not stacked
+        assert active_redactor() is redactor
+    assert active_redactor() is None
+    out = capsys.readouterr()
+    assert out.out == "patient P0123456789 (P0123456789) at <input>\n", out.out
+    assert "DOE" not in out.err.upper() and "JOHN" not in out.err.upper()

@@ -93,8 +93,17 @@ class Redactor:
     # ------------------------------------------------------------------ console and logging
 
     def install(self) -> None:
-        """Route this process's console and logging through :meth:`redact` (idempotent)."""
+        """Route this process's console and logging through :meth:`redact` (idempotent). When another
+        redactor is active in this process (a worker that got a fresh copy with each case), its
+        identifiers are merged into that one instead of stacking a second layer."""
         if self._installed:
+            return
+        current = active_redactor()
+        if current is not None:
+            current.input_dirs = sorted(set(current.input_dirs) | set(self.input_dirs), key=len, reverse=True)
+            for secret, replacement in self.secrets.items():
+                current.secrets.setdefault(secret, replacement)
+            current._pattern = None
             return
         log_filter = _RedactFilter(self)
         handlers = [*logging.getLogger().handlers]
