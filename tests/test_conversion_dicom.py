@@ -214,6 +214,15 @@ def test_dicom_pseudonymize_and_manifest(dicom_tree, tmp_path, capsys):
     for text_file in [*dataset.rglob("*.json"), *dataset.rglob("*.csv")]:  # no patient ID or date left
         text = text_file.read_text()
         assert "PAT" not in text and "NOWEIGHT" not in text and "2024" not in text, text_file
+    # The per-series report: in the dataset only status, case ID and file count; in full beside the key.
+    in_dataset = _series_report(dataset)
+    assert sorted(r["status"] for r in in_dataset) == ["converted"] * 3 + ["failed"] and set(in_dataset[0]) == {
+        "pet_series_uid", "files", "status", "case_id", "reason"
+    } and not any(r["pet_series_uid"] or r["reason"] for r in in_dataset)  # fmt: skip
+    full = raw / "pseudonym_key_Dataset502_Pseudo_dicom_series_report.csv"
+    with full.open(newline="") as f:
+        reasons = [r["reason"] for r in csv.DictReader(f) if r["status"] == "failed"]
+    assert len(reasons) == 1 and "PatientWeight (0010,1030)" in reasons[0]
     # A re-run reuses the key: same IDs, nothing converted again.
     assert (
         main(
