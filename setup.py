@@ -55,6 +55,8 @@ setup(
         "scipy>=1.10",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "tomli-w>=1.0",
+        "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={
         "test": ["pytest>=7", "monai>=1.3", "ruff>=0.4", "pingouin>=0.5", "statsmodels>=0.14"],

@@ -14,11 +14,13 @@ from importlib import import_module
 SUBCOMMAND_MODULES = (
     "nnunetv2_l1dfl.doctor",  # doctor
     "nnunetv2_l1dfl.conversion.cli",  # convert {dicom,autopet,nifti,hecktor}, suv, splits
+    "nnunetv2_l1dfl.conversion.mask_command",  # mask
     "nnunetv2_l1dfl.evaluation.cli",  # compare
     "nnunetv2_l1dfl.phantom.cli",  # phantom
     "nnunetv2_l1dfl.bench",  # bench
     "nnunetv2_l1dfl.demo",  # demo
     "nnunetv2_l1dfl.predict.cli",  # predict
+    "nnunetv2_l1dfl.experiment.cli",  # experiment {init,plan,run,submit,status,collect}
 )
 
 
