@@ -80,7 +80,7 @@ def test_success_leaves_only_the_output_and_mask_statistics(tmp_path, pet_dir, c
     mask = sitk.Cast(written > 3.0, sitk.sitkUInt8)
     sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
     capsys.readouterr()
-    assert main(["suv", str(pet_dir), str(out), "--mask", str(tmp_path / "mask.nii.gz")]) == 0
+    assert main(["suv", str(pet_dir), str(out), "--mask", str(tmp_path / "mask.nii.gz"), "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert f"mask ({int(sitk.GetArrayFromImage(mask).sum())} voxels)" in printed
     assert sorted(p.name for p in out.parent.iterdir()) == ["suv.nii.gz"]  # no temporary file left

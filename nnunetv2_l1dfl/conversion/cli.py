@@ -228,6 +228,29 @@ def _run_converter(args: argparse.Namespace) -> int:
             return 2
 
 
+def _skipped_files_of_series(skipped: list, series_uid: str) -> tuple[list[tuple[Path, str]], list[str]]:
+    """Files ``discover_series`` skipped, split into those of the PET series (its SeriesInstanceUID,
+    or a DICOM file too broken to say: the volume would silently lack them) and notes for the rest
+    (other files in the folder, exact duplicates of an instance)."""
+    import pydicom
+
+    unusable, notes = [], []
+    for path, reason in skipped:
+        try:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True, force=True).get("SeriesInstanceUID", "")).strip()
+        except Exception:  # noqa: BLE001 - a file pydicom cannot parse: is it a DICOM file at all?
+            try:
+                with open(path, "rb") as f:
+                    uid = series_uid if f.read(132)[128:132] == b"DICM" else ""
+            except OSError:
+                uid = ""
+        if uid == series_uid and not reason.startswith("duplicate SOPInstanceUID"):
+            unusable.append((Path(path), reason))
+        else:
+            notes.append(f"skipped {path}: {reason}")
+    return unusable, notes
+
+
 def suv_entry(args: argparse.Namespace) -> int:
     """``l1dfl suv``: one PET series to a SUVbw NIfTI, with the branch taken and statistics.
 
@@ -251,6 +274,14 @@ def suv_entry(args: argparse.Namespace) -> int:
         return 2
     if not out.suffix:
         print(f"error: output {out} has no file ending; give e.g. suv.nii.gz (.nii.gz, .nii, .mha, .nrrd)", file=sys.stderr)
+        return 2
+    if out.exists() and not args.overwrite:
+        print(f"error: output {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    if Path(args.pet_series_dir).is_file():
+        print(
+            f"error: {args.pet_series_dir} is a file; give the folder holding the PET series' slices", file=sys.stderr
+        )
         return 2
     if not Path(args.pet_series_dir).is_dir():
         print(f"error: PET series folder not found: {args.pet_series_dir}", file=sys.stderr)
@@ -286,6 +317,16 @@ def suv_entry(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    unusable, notes = _skipped_files_of_series(skipped, pets[0].series_instance_uid)
+    if unusable:
+        path, reason = unusable[0]
+        print(
+            f"error: {path}: {reason}: a file of the PET series cannot be read"
+            + (f" ({len(unusable) - 1} more)" if len(unusable) > 1 else "")
+            + "; the SUV volume would lack its slices",
+            file=sys.stderr,
+        )
+        return 1
     try:
         result = read_pet_suv(
             pets[0], case_id=str(args.pet_series_dir), extra_half_lives=dict(args.nuclide or ()),
@@ -323,6 +364,8 @@ def suv_entry(args: argparse.Namespace) -> int:
         return 1
 
     print(f"SUV branch: {result.branch}")
+    for note in notes:
+        print(f"warning: {note}")
     for warning in result.warnings:
         print(f"warning: {warning}")
     for key, value in result.details.items():
@@ -470,6 +513,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     suv.add_argument(
         "--mask", type=Path, default=None, help="print the statistics inside this mask (on the PET grid)"
     )
+    suv.add_argument("--overwrite", action="store_true", help="replace the output if it exists (default: refuse)")
     add_nuclide_argument(suv)
     add_implausible_suv_argument(suv)
     suv.set_defaults(func=suv_entry)

@@ -287,8 +287,14 @@ def suv_plausibility_problems(
 
 
 def _parse_date(text: str) -> dt.date:
-    text = text.strip().replace(".", "").replace("-", "")  # ACR-NEMA wrote YYYY.MM.DD
-    return dt.datetime.strptime(text[:8], "%Y%m%d").date()
+    """DA: YYYYMMDD, or the ACR-NEMA YYYY.MM.DD (and YYYY-MM-DD); anything else is refused, so a
+    truncated "2024011" or a date-time in a DA is not read as some other day."""
+    stripped = text.strip()
+    if re.fullmatch(r"\d{4}([.-])\d{2}\1\d{2}", stripped):
+        stripped = stripped[:4] + stripped[5:7] + stripped[8:]
+    if not re.fullmatch(r"\d{8}", stripped):
+        raise ValueError(f"not a DICOM date (YYYYMMDD): {text.strip()!r}")
+    return dt.datetime.strptime(stripped, "%Y%m%d").date()
 
 
 def _parse_time(text: str) -> dt.time:
@@ -302,15 +308,41 @@ def _parse_time(text: str) -> dt.time:
     return dt.time(int(hours), int(minutes or 0), int(seconds or 0), micro)
 
 
-def _parse_datetime(text: str) -> dt.datetime:
-    """DT: YYYYMMDDHHMMSS.FFFFFF with optional components and UTC offset (the offset is dropped:
-    every other time in the header is local time)."""
-    text = re.sub(r"[+-]\d{4}$", "", text.strip())
+def _time_precision_s(text: str) -> float:
+    """The resolution a TM (or the time part of a DT) is written to: HH 3600 s, HHMM 60 s, else 1 s."""
+    digits = text.strip().replace(":", "").split(".")[0]
+    return {0: 86400.0, 2: 3600.0, 4: 60.0}.get(len(digits), 1.0)
+
+
+def _parse_utc_offset(text: str) -> dt.timedelta:
+    """&ZZXX / +HHMM / -HHMM (DT suffix, TimezoneOffsetFromUTC (0008,0201))."""
+    match = re.fullmatch(r"([+-])(\d{2})(\d{2})", text.strip())
+    if not match or int(match.group(2)) > 14 or int(match.group(3)) > 59:
+        raise ValueError(f"not a UTC offset (+HHMM / -HHMM): {text.strip()!r}")
+    sign = -1 if match.group(1) == "-" else 1
+    return sign * dt.timedelta(hours=int(match.group(2)), minutes=int(match.group(3)))
+
+
+def _split_datetime(text: str) -> tuple[dt.datetime, dt.timedelta | None, float]:
+    """DT: YYYYMMDDHHMMSS.FFFFFF with optional components and UTC offset. Returns the clock date-time
+    as written, the offset (None without one) and the precision of the time part in seconds
+    (86400 when the DT holds a date only: it then says nothing about the time of day)."""
+    text = text.strip()
+    offset = None
+    match = re.search(r"[+-]\d{4}$", text)
+    if match:
+        offset = _parse_utc_offset(match.group(0))
+        text = text[: match.start()]
     if len(text) < 8:
         raise ValueError(f"not a DICOM date-time: {text!r}")
     date = _parse_date(text[:8])
     time = _parse_time(text[8:]) if len(text) > 8 else dt.time(0)
-    return dt.datetime.combine(date, time)
+    return dt.datetime.combine(date, time), offset, _time_precision_s(text[8:])
+
+
+def _parse_datetime(text: str) -> dt.datetime:
+    """DT as clock time, the UTC offset dropped (see ``_Header.local_datetime`` for the offset)."""
+    return _split_datetime(text)[0]
 
 
 def _private_number(element: Any) -> float:
@@ -326,7 +358,10 @@ def _private_number(element: Any) -> float:
                 return struct.unpack("<f", value)[0]
             raise
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = value[0]
+        numbers = {float(v) for v in value}
+        if len(numbers) != 1:  # which one scales the image? not a guess to make
+            raise ValueError(f"{len(value)} different values {list(value)}")
+        return numbers.pop()
     return float(value)
 
 
@@ -371,21 +406,85 @@ class _Header:
         return value
 
     def number(self, keyword: str, required: bool = True) -> float | None:
-        value = self.text(keyword, required=required)
+        """The attribute as a finite float (None when absent and not required); all slices must hold
+        the same number (``75`` and ``75.0`` agree, ``75`` and ``80`` do not)."""
+        value = self.text(keyword, required=required, consistent=False)
+        number = self._as_number(keyword, value)
+        for ds, path in zip(self.datasets[1:], self.files[1:]):
+            other = self._source(ds, keyword)
+            other = "" if other is None else str(other).strip()
+            if other == value:
+                continue
+            if not other or not value or self._as_number(keyword, other, path) != number:
+                raise self.error(
+                    f"contradictory {keyword} {TAGS.get(keyword, '')}: {value!r} in {self.files[0].name}, "
+                    f"{other!r} in {path.name}"
+                )
+        return number
+
+    def _as_number(self, keyword: str, value: str, path: Path | None = None) -> float | None:
         if not value:
             return None
+        where = f"{path.name}: " if path is not None else ""
         try:
             number = float(value)
         except ValueError:
-            raise self.error(f"{keyword} {TAGS.get(keyword, '')} is not a number: {value!r}") from None
+            raise self.error(f"{where}{keyword} {TAGS.get(keyword, '')} is not a number: {value!r}") from None
         if not math.isfinite(number):
-            raise self.error(f"{keyword} {TAGS.get(keyword, '')} is not finite: {value!r}")
+            raise self.error(f"{where}{keyword} {TAGS.get(keyword, '')} is not finite: {value!r}")
         return number
 
+    def frame_seconds(self, ds: pydicom.Dataset, path: Path, keyword: str) -> float | None:
+        """ActualFrameDuration (0018,1242) (> 0) or FrameReferenceTime (0054,1300) (>= 0) of one
+        slice in seconds; None when absent. Not a number, or out of range: ``SUVError``."""
+        raw = ds.get(keyword)
+        if raw is None or str(raw).strip() == "":
+            return None
+        tag = TAGS[keyword]
+        try:
+            ms = float(str(raw).strip())
+        except ValueError:
+            raise self.error(f"{path.name}: {keyword} {tag} is not a number of ms: {str(raw).strip()!r}") from None
+        if not math.isfinite(ms) or ms < 0 or (keyword == "ActualFrameDuration" and ms == 0):
+            bound = "a positive" if keyword == "ActualFrameDuration" else "a non-negative"
+            raise self.error(f"{path.name}: {keyword} {tag} is {str(raw).strip()!r}; it must be {bound} number of ms")
+        return ms / 1000.0
+
+    def local_datetime(self, text: str, what: str, ds: pydicom.Dataset | None = None) -> tuple[dt.datetime, float, str]:
+        """A DT as the local clock time that TM values (AcquisitionTime, SeriesTime) are written in.
+
+        Returns (date-time, precision of its time part in s, note for the branch). A DT with a UTC
+        offset is moved to TimezoneOffsetFromUTC (0008,0201) when the header has one; without it
+        the clock time is kept (the offset taken as local) and the note says so.
+        """
+        try:
+            clock, offset, precision = _split_datetime(text)
+        except ValueError as e:
+            raise self.error(f"unreadable {what}: {text!r} ({e})") from None
+        if offset is None:
+            return clock, precision, ""
+        local_text = str((ds if ds is not None else self.first).get("TimezoneOffsetFromUTC", "") or "").strip()
+        if not local_text:
+            return clock, precision, f"utc-offset-taken-as-local({text.strip()[-5:]})"
+        try:
+            local = _parse_utc_offset(local_text)
+        except ValueError as e:
+            raise self.error(f"unreadable TimezoneOffsetFromUTC (0008,0201): {e}") from None
+        if local == offset:
+            return clock, precision, ""
+        return clock - offset + local, precision, f"utc-offset({text.strip()[-5:]}->{local_text})"
+
     def per_slice_datetime(self, ds: pydicom.Dataset, path: Path) -> dt.datetime | None:
-        """AcquisitionDate (else SeriesDate) + AcquisitionTime of one slice; None without the time."""
+        """AcquisitionDate (else SeriesDate) + AcquisitionTime of one slice, else its
+        AcquisitionDateTime (0008,002A); None without either."""
         time = str(ds.get("AcquisitionTime") or "").strip()
         if not time:
+            date_time = str(ds.get("AcquisitionDateTime") or "").strip()
+            if date_time:
+                when, precision, _ = self.local_datetime(date_time, f"{path.name}: AcquisitionDateTime (0008,002A)", ds)
+                if precision >= 86400.0:
+                    raise self.error(f"{path.name}: AcquisitionDateTime (0008,002A) {date_time!r} has no time of day")
+                return when
             return None
         date = str(ds.get("AcquisitionDate") or ds.get("SeriesDate") or "").strip()
         if not date:
@@ -394,6 +493,24 @@ class _Header:
             return dt.datetime.combine(_parse_date(date), _parse_time(time))
         except ValueError as e:
             raise self.error(f"{path.name}: unreadable AcquisitionDate/AcquisitionTime (0008,0022/0032): {e}") from None
+
+    def check_single_radiopharmaceutical(self) -> None:
+        """Every slice's RadiopharmaceuticalInformationSequence (0054,0016) items must agree on what
+        the SUV uses (only the first item is read): two tracers, or two doses, are no one SUV."""
+        keywords = ("Radiopharmaceutical", "RadionuclideTotalDose", "RadionuclideHalfLife",
+                    "RadiopharmaceuticalStartTime", "RadiopharmaceuticalStartDateTime")  # fmt: skip
+        for ds, path in zip(self.datasets, self.files):
+            items = list(ds.get("RadiopharmaceuticalInformationSequence") or [])
+            for k, item in enumerate(items[1:], start=2):
+                for keyword in keywords:
+                    first = str(items[0].get(keyword, "") or "").strip()
+                    other = str(item.get(keyword, "") or "").strip()
+                    if first != other:
+                        raise self.error(
+                            f"{path.name}: RadiopharmaceuticalInformationSequence (0054,0016) has {len(items)} items "
+                            f"that disagree: {keyword} {TAGS.get(keyword, '')} {first!r} in item 1, {other!r} in item {k} "
+                            "(two radiopharmaceuticals or doses: which one the SUV is of is not in the header)"
+                        )
 
     def private(self, group: int, element: int, creator: str, manufacturer_word: str) -> Any:
         """A private element, or None. Accepted when its block's creator is ``creator``, or the block
@@ -575,11 +692,11 @@ def _convert(stack: Any, header: _Header, half_lives: Mapping[str, float]) -> tu
             when = header.per_slice_datetime(ds, path)
             if when is None:
                 raise header.error(f"{path.name}: DecayCorrection NONE needs AcquisitionTime (0008,0032) per slice")
-            duration = ds.get("ActualFrameDuration")
-            if duration in (None, ""):
+            duration_s = header.frame_seconds(ds, path, "ActualFrameDuration")
+            if duration_s is None:
                 raise header.error(f"{path.name}: DecayCorrection NONE needs ActualFrameDuration (0018,1242)")
             times.append(when)
-            durations.append(float(duration) / 1000.0)
+            durations.append(duration_s)
         injection = _injection_time(header, min(times), branch, half_life_s)
         factors = np.empty(len(times), dtype=np.float64)
         for k, (when, duration_s) in enumerate(zip(times, durations)):
@@ -630,8 +747,8 @@ def _per_slice_private(header: _Header, group: int, element: int, name: str) -> 
             raise header.error(f"{path.name}: missing {name} ({group:04X},{element:04X}) (present on other slices)")
         try:
             value = _private_number(item)
-        except (ValueError, struct.error):
-            raise header.error(f"{path.name}: unreadable {name} ({group:04X},{element:04X}): {item.value!r}") from None
+        except (ValueError, TypeError, struct.error) as e:
+            raise header.error(f"{path.name}: unreadable {name} ({group:04X},{element:04X}): {item.value!r} ({e})") from None
         if not (value > 0 and math.isfinite(value)):
             raise header.error(f"{path.name}: {name} ({group:04X},{element:04X}) is {value!r}")
         values.append(value)
@@ -792,6 +909,7 @@ def _weight_dose_half_life(
     weight = _weight_kg(header, fixes)
     if header.rp is None:
         raise header.error("missing RadiopharmaceuticalInformationSequence (0054,0016): no dose, half-life or injection time")
+    header.check_single_radiopharmaceutical()
     dose = header.number("RadionuclideTotalDose")
     if dose is None or dose <= 0:
         raise header.error(f"RadionuclideTotalDose (0018,1074) is {dose!r}")
@@ -820,6 +938,13 @@ def check_half_lives(half_lives: Mapping[str, float]) -> dict[str, float]:
             raise ValueError(f"half-life of {name} must be a number of seconds, got {seconds!r}") from None
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"half-life of {name} must be a positive number of seconds, got {seconds!r}")
+        known = _nuclide_from_text(name)
+        if known is not None and abs(value / PET_HALF_LIVES_S[known] - 1.0) > HALF_LIFE_REL_TOL:
+            # A physical constant: redeclaring F-18 as 110 (minutes) would pass a half-life unit slip.
+            raise ValueError(
+                f"{name} is {known}, whose half-life is {PET_HALF_LIVES_S[known]:g} s, not {value:g} s "
+                f"(more than {100 * HALF_LIFE_REL_TOL:g} % apart; the value must be in seconds)"
+            )
         checked[name] = value
     return checked
 
@@ -978,12 +1103,13 @@ def _reference_time(header: _Header, decay_constant: float) -> tuple[dt.datetime
     if ge_start is not None:
         try:
             value = ge_start.value.decode("ascii") if isinstance(ge_start.value, bytes) else str(ge_start.value)
-            when = _parse_datetime(value.strip("\x00 "))
-        except ValueError as e:
+            when, _, offset_note = header.local_datetime(value.strip("\x00 "), "GE private scan start (0009,100D)")
+        except (ValueError, SUVError) as e:
             raise header.error(f"unreadable GE private scan start (0009,100D): {ge_start.value!r} ({e})") from None
         gap_s = (earliest - when).total_seconds() if earliest is not None else 0.0
         if 0 <= gap_s <= MAX_SERIES_BEFORE_ACQUISITION_S:
-            return when, f"{rejected}GE-private(0009,100D)", "GE private scan start (0009,100D)"
+            note = f"|{offset_note}" if offset_note else ""
+            return when, f"{rejected}GE-private(0009,100D){note}", "GE private scan start (0009,100D)"
         # Held to the same window as SeriesTime: a scan start after the acquisition, or hours before it, is not this scan's.
         why_not_series += (
             f", and the GE private scan start (0009,100D) {when.isoformat()} is {_duration(abs(gap_s))} "
@@ -995,8 +1121,9 @@ def _reference_time(header: _Header, decay_constant: float) -> tuple[dt.datetime
         raise header.error(f"DecayCorrection START: {why_not_series} and there is no AcquisitionTime (0008,0032)")
     frames = []
     for ds, path in zip(header.datasets, header.files):
-        duration, frame_reference = ds.get("ActualFrameDuration"), ds.get("FrameReferenceTime")
-        if duration in (None, "") or frame_reference in (None, ""):
+        duration = header.frame_seconds(ds, path, "ActualFrameDuration")
+        frame_reference = header.frame_seconds(ds, path, "FrameReferenceTime")
+        if duration is None or frame_reference is None:
             raise header.error(
                 f"{path.name}: {why_not_series}{'' if ge_start is not None else ' and there is no GE scan start (0009,100D)'}; "
                 "back-computing the scan start needs ActualFrameDuration (0018,1242) and FrameReferenceTime (0054,1300)"
@@ -1004,7 +1131,7 @@ def _reference_time(header: _Header, decay_constant: float) -> tuple[dt.datetime
         when = header.per_slice_datetime(ds, path)
         if when is None:
             raise header.error(f"{path.name}: back-computing the scan start needs AcquisitionTime (0008,0032) on every slice")
-        frames.append((when, float(duration) / 1000.0, float(frame_reference) / 1000.0, path))
+        frames.append((when, duration, frame_reference, path))
     # FrameReferenceTime is the offset from the reference to the time the pixel values occurred:
     # usually the frame's mean-count time (QIBA: reference = acquisition + T_ave - FrameReferenceTime),
     # but a series with a FrameReferenceTime of 0 measures it to the frame start (0 cannot be a
@@ -1050,8 +1177,8 @@ def _check_decay_factor(header: _Header, reference: dt.datetime, decay_constant:
             raise header.error(f"{path.name}: DecayFactor (0054,1321) is not a number: {raw!r}") from None
         if factor == 1.0 or not (factor > 0 and math.isfinite(factor)):
             continue
-        duration = ds.get("ActualFrameDuration")
-        mean_count_s = _average_count_time_s(float(duration) / 1000.0, decay_constant) if duration not in (None, "") else 0.0
+        duration_s = header.frame_seconds(ds, path, "ActualFrameDuration")
+        mean_count_s = _average_count_time_s(duration_s, decay_constant) if duration_s is not None else 0.0
         implied_s = math.log(factor) / decay_constant
         expected_s = (when - reference).total_seconds()
         if not expected_s - DECAY_FACTOR_TOLERANCE_S <= implied_s <= expected_s + mean_count_s + DECAY_FACTOR_TOLERANCE_S:
@@ -1073,15 +1200,47 @@ def _injection_time(
     for nuclides whose plausible uptake is shorter than a day (else the date is needed).
     """
     start_datetime = header.text("RadiopharmaceuticalStartDateTime")
-    if start_datetime:
-        try:
-            injection = _parse_datetime(start_datetime)
-        except ValueError as e:
-            raise header.error(f"unreadable RadiopharmaceuticalStartDateTime (0018,1078): {e}") from None
-        if branch is not None:
-            branch.append("RadiopharmaceuticalStartDateTime")
-        return injection
     start_time = header.text("RadiopharmaceuticalStartTime")
+    if start_datetime:
+        injection, precision, offset_note = header.local_datetime(
+            start_datetime, "RadiopharmaceuticalStartDateTime (0018,1078)"
+        )
+        if branch is None:  # ADMIN: recorded only
+            return injection
+        if precision >= 86400.0:  # a date without a time of day: midnight would be a guess
+            if not start_time:
+                raise header.error(
+                    f"RadiopharmaceuticalStartDateTime (0018,1078) {start_datetime!r} has a date but no time of day, "
+                    "and there is no RadiopharmaceuticalStartTime (0018,1072): the injection time is unknown"
+                )
+            try:
+                injection = dt.datetime.combine(injection.date(), _parse_time(start_time))
+            except ValueError as e:
+                raise header.error(f"unreadable RadiopharmaceuticalStartTime (0018,1072): {e}") from None
+            branch.append("RadiopharmaceuticalStartDateTime(date)+RadiopharmaceuticalStartTime")
+            return injection
+        if start_time:
+            # Both written: they must be the same moment (the DT's local clock time against the TM).
+            try:
+                clock = _parse_time(start_time)
+            except ValueError as e:
+                raise header.error(f"unreadable RadiopharmaceuticalStartTime (0018,1072): {e}") from None
+            as_written = _parse_datetime(start_datetime)
+            gaps = []
+            for candidate in (injection, as_written):
+                seconds = (candidate - dt.datetime.combine(candidate.date(), clock)).total_seconds() % 86400.0
+                gaps.append(min(seconds, 86400.0 - seconds))
+            tolerance = max(1.0, precision, _time_precision_s(start_time))
+            if gaps[0] >= tolerance:
+                hint = " (the time as written, before the UTC offset, agrees)" if gaps[1] < tolerance else ""
+                raise header.error(
+                    f"RadiopharmaceuticalStartDateTime (0018,1078) {start_datetime!r} and RadiopharmaceuticalStartTime "
+                    f"(0018,1072) {start_time!r} are {_duration(gaps[0])} apart{hint}: contradictory injection times"
+                )
+        branch.append("RadiopharmaceuticalStartDateTime")
+        if offset_note:
+            branch.append(offset_note)
+        return injection
     if not start_time:
         if branch is None:
             return None
