@@ -475,3 +475,17 @@ def test_a_pet_labelled_ct_throughout_is_found_by_its_sop_class_and_fails(tmp_pa
     out, err = capsys.readouterr()
     assert re.search(r"FAILED LABELLED_20240101: .*pet_000\.dcm: Modality \(0008,0060\) 'CT' contradicts SOPClassUID", err), err
     assert "PET series: 2 found; 1 converted, 0 already done, 1 failed, 0 skipped" in out
+
+
+@pytest.mark.parametrize("cut", ["in the pixel data", "in the header"])
+def test_a_pet_with_a_truncated_slice_file_fails(tmp_path, capsys, cut):
+    """Cut in the pixel data, the last slice was skipped and the PET converted eleven slices of twelve."""
+    root = tmp_path / "export"
+    study = _study(root / "a", "CUT", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    whole = study["pet"][-1].read_bytes()
+    study["pet"][-1].write_bytes(whole[: len(whole) - 40] if cut == "in the pixel data" else whole[: len(whole) // 2])
+    assert _convert(root, tmp_path / "raw") == 1
+    out, err = capsys.readouterr()
+    reason = r"truncated: pixel data \(7FE0,0010\)" if cut == "in the pixel data" else "truncated or incomplete: an image"
+    assert re.search(rf"FAILED CUT_20240101: .*pet_011\.dcm: {reason}.* so it is incomplete", err), err
+    assert "0 converted" in out

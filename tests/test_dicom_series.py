@@ -286,3 +286,14 @@ def test_file_meta_without_preamble_is_read(tmp_path):
     ds = read_dicom(files[0])
     assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.1"  # from the kept meta, not guessed
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_ct_hu(files)), hu.astype(np.float32))
+
+
+def test_a_truncated_slice_without_an_intact_copy_makes_its_series_incomplete(tmp_path):
+    """The reader skipped a cut-off file and the series converted a slice short (the last one: evenly spaced)."""
+    pet = write_pet_series(tmp_path / "pet", np.ones((5, 8, 8)) * 100)
+    whole = pet[4].read_bytes()
+    pet[4].write_bytes(whole[: len(whole) - 40])
+    (series,), skipped = discover_series(tmp_path)
+    assert [p for p, _ in skipped] == [pet[4]] and len(series.files) == 4
+    assert series.problem.startswith(f"{pet[4]}: truncated: pixel data (7FE0,0010) needs")
+    assert series.problem.endswith("the series has 4 readable files and 1 damaged one(s) without an intact copy, so it is incomplete")

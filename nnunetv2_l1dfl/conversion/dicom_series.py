@@ -276,6 +276,11 @@ def _truncation_problem(ds: pydicom.Dataset, path: Path) -> str:
     if len(ds) == 0:
         return "not readable as DICOM: no data elements"
     if "Rows" not in ds:
+        if _text(ds, "SOPClassUID") in SOP_CLASS_MODALITY:  # an image whose file ends inside the header
+            return (
+                f"truncated or incomplete: an image (SOPClassUID (0008,0016) {_text(ds, 'SOPClassUID')}) "
+                "without Rows (0028,0010) and pixel data (7FE0,0010)"
+            )
         return ""
     pixel_tags = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
     present = [keyword for keyword in pixel_tags if keyword in ds]
@@ -299,7 +304,8 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
     SeriesInstanceUID (0020,000E) (e.g. DICOMDIR), or a second copy of an SOPInstanceUID already
     seen in the series (the first path in sorted order is kept). Files without the 128-byte preamble
     are read (:func:`read_dicom`). A series whose files disagree on modality, patient, study or frame
-    of reference keeps all its files and carries the reason in ``problem`` (never silently split).
+    of reference keeps all its files and carries the reason in ``problem`` (never silently split);
+    so does a series with a truncated file that has no intact copy (it would be a slice short).
     """
     from tqdm import tqdm
 
@@ -311,6 +317,7 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
     )
     skipped: list[tuple[Path, str]] = []
     headers: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    damaged: dict[str, list[tuple[Path, str, str]]] = {}  # series UID -> (file, problem, SOPInstanceUID)
     for path in tqdm(paths, desc="reading DICOM headers", unit="file", disable=not progress):
         # pydicom warns about malformed values; a file that gets skipped carries the first warning.
         with warnings.catch_warnings(record=True) as caught:
@@ -331,6 +338,8 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
         if problem:
             note = f" (pydicom: {caught[0].message})" if caught else ""
             skipped.append((path, problem + note))
+            if uid:  # its series is a file short, unless an intact copy of the instance exists
+                damaged.setdefault(uid, []).append((path, problem, _text(ds, "SOPInstanceUID")))
             continue
         for warning in caught:
             logger.debug("%s: %s", path, warning.message)
@@ -348,6 +357,12 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
             seen[sop] = path
             members.append((path, ds))
         problem = _series_problem(uid, members) or _sop_class_problem(members)
+        lost = [(path, why) for path, why, sop in damaged.get(uid, []) if not sop or sop not in seen]
+        if lost and not problem:
+            problem = (
+                f"{lost[0][0]}: {lost[0][1]}; the series has {len(members)} readable files and "
+                f"{len(lost)} damaged one(s) without an intact copy, so it is incomplete"
+            )
         modalities = tuple(sorted(
             {_text(ds, "Modality") for _, ds in members}
             | {SOP_CLASS_MODALITY[c] for _, ds in members if (c := _text(ds, "SOPClassUID")) in SOP_CLASS_MODALITY}
