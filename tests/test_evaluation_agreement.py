@@ -52,7 +52,7 @@ def test_ccc_ci_hand_computation_and_edge_cases():
     assert result["ci_high"] == pytest.approx(math.tanh(math.atanh(ccc) + 1.959963984540054 * se))
     perfect = A.lins_ccc(x, x)
     assert perfect["ccc"] == 1.0 and math.isnan(perfect["ci_low"])  # no interval at |rho_c| = 1
-    assert math.isnan(A.lins_ccc(x[:2], y[:2])["ccc"])
+    assert math.isnan(A.lins_ccc(x[:1], y[:1])["ccc"]) and math.isnan(A.lins_ccc(x[:2], y[:2])["ci_low"])
     with pytest.raises(ValueError, match="finite"):
         A.lins_ccc([1.0, np.nan, 2.0], [1.0, 2.0, 3.0])
 

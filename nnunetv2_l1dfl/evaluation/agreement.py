@@ -76,15 +76,18 @@ def lins_ccc(reference: Sequence[float], measured: Sequence[float], confidence: 
     """Lin's concordance correlation coefficient with its Fisher-z confidence interval.
 
     Returns ``n``, ``ccc``, ``ci_low``, ``ci_high``, ``pearson_r``, ``bias_correction`` (C_b =
-    rho_c / r, the accuracy factor) and ``se_z``. n < 3, or no variation in both samples: NaN.
-    |rho_c| = 1 (perfect agreement) gives no interval (bounds NaN): z is infinite. Where r = 0 the
-    delta-method SE is undefined and the bounds are NaN.
+    rho_c / r, the accuracy factor) and ``se_z``. The estimate is defined for n >= 2 unless both
+    samples are constant and equal (0/0: NaN); one constant sample, or two constant and different
+    ones, give rho_c = 0 (Lin's formula: no covariance). The interval needs n >= 3 (the SE divides
+    by n - 2). |rho_c| = 1 (perfect agreement) gives no interval (bounds NaN): z is infinite. Where
+    r = 0 or r is undefined the delta-method SE is undefined and the bounds are NaN. Rounding can
+    put 2 s_xy a hair above s_x^2 + s_y^2: rho_c is clipped to [-1, 1].
     """
     x, y = _pair(reference, measured)
     n = len(x)
     result = {"n": n, "ccc": _NAN, "ci_low": _NAN, "ci_high": _NAN, "pearson_r": _NAN, "bias_correction": _NAN,
               "se_z": _NAN}  # fmt: skip
-    if n < 3:
+    if n < 2:
         return result
     mx, my = x.mean(), y.mean()
     sxx, syy = np.mean((x - mx) ** 2), np.mean((y - my) ** 2)
@@ -92,14 +95,14 @@ def lins_ccc(reference: Sequence[float], measured: Sequence[float], confidence: 
     denominator = sxx + syy + (mx - my) ** 2
     if denominator == 0:
         return result  # both constant and equal: agreement is not measurable as a correlation
-    ccc = 2 * sxy / denominator
+    ccc = min(max(2 * sxy / denominator, -1.0), 1.0)
     result["ccc"] = float(ccc)
     if sxx == 0 or syy == 0:
         return result
-    r = sxy / math.sqrt(sxx * syy)
+    r = min(max(sxy / math.sqrt(sxx * syy), -1.0), 1.0)
     result["pearson_r"] = float(r)
     result["bias_correction"] = float(ccc / r) if r != 0 else _NAN
-    if abs(ccc) >= 1 or r == 0:
+    if abs(ccc) >= 1 or r == 0 or n < 3:
         return result
     u = (mx - my) / math.sqrt(math.sqrt(sxx) * math.sqrt(syy))
     one_minus = 1 - ccc**2
@@ -172,19 +175,24 @@ def total_deviation_index(
 def coverage_probability(reference: Sequence[float], measured: Sequence[float], limit: float) -> dict:
     """Probability that |measured - reference| < ``limit`` for a new patient, with the differences
     taken as normal with the sample mean and sd (Lin 2000). sd 0: 1 if |mean| < limit, else 0.
-    Returns ``n``, ``limit``, ``cp`` and ``observed`` (the share of patients within the limit)."""
+    Returns ``n``, ``limit``, ``cp`` and ``observed`` (the share of patients within the limit,
+    defined from n = 1; ``cp`` needs n >= 2). A limit that is not a positive finite number (no
+    margin: a GT mean of 0) gives NaN for both, as TOST has no verdict there."""
     x, y = _pair(reference, measured)
     d = y - x
     n = len(d)
     result = {"n": n, "limit": float(limit), "cp": _NAN, "observed": _NAN}
-    if n < 2 or not math.isfinite(limit):
+    if n < 1 or not (math.isfinite(limit) and limit > 0):
+        return result
+    result["observed"] = float(np.mean(np.abs(d) < limit))
+    if n < 2:
         return result
     mean, sd = float(d.mean()), float(d.std(ddof=1))
     if sd == 0:
         cp = float(abs(mean) < limit)
     else:
         cp = float(st.norm.cdf((limit - mean) / sd) - st.norm.cdf((-limit - mean) / sd))
-    result.update(cp=cp, observed=float(np.mean(np.abs(d) < limit)))
+    result["cp"] = cp
     return result
 
 
@@ -235,13 +243,14 @@ def biomarker_agreement(
     Pairs with an undefined value on either side (NaN: SUVmax, SUVmean or Dmax of a case without
     GT or without predicted lesions) are excluded and counted: ``n_excluded_no_gt`` (GT undefined),
     ``n_excluded_no_pred`` (GT defined, prediction undefined: a case whose lesions were all missed).
-    The equivalence bound and the coverage-probability limit are both Delta = ``margin`` x mean GT
-    of the included patients.
+    The equivalence bound and the coverage-probability limit are both Delta = ``margin`` x |mean GT|
+    of the included patients (the absolute value: a biomarker with a negative mean, e.g. the TLA of
+    a PET with negative voxels, keeps a positive margin; a mean of 0 leaves none).
     """
     x_all = np.asarray(reference, dtype=np.float64)
     y_all = np.asarray(measured, dtype=np.float64)
     x, y, keep = finite_pairs(x_all, y_all)
-    bound = margin * float(x.mean()) if len(x) else _NAN
+    bound = margin * abs(float(x.mean())) if len(x) else _NAN
     return {
         "n": int(keep.sum()),
         "n_excluded_no_gt": int(np.sum(~np.isfinite(x_all))),
