@@ -26,6 +26,7 @@ from nnunetv2_l1dfl.conversion.dataset_folder import DatasetSpec, LoadedCase, re
 from nnunetv2_l1dfl.conversion.errors import ConversionError
 from nnunetv2_l1dfl.conversion.geometry import snap_to_grid
 from nnunetv2_l1dfl.conversion.image_io import read_image
+from nnunetv2_l1dfl.conversion.masks import MaskOptions, labels_from_image
 from nnunetv2_l1dfl.conversion.runner import CaseJob, ConversionSummary, convert_cases
 
 logger = logging.getLogger(__name__)
@@ -84,11 +85,14 @@ def copy_source_metadata(csv_paths: Iterable[Path], dataset_dir: Path) -> None:
 
 def load_on_pet_grid(job: CaseJob) -> LoadedCase:
     """Worker for both autoPET releases: payload holds the ``ct``, ``pet``, ``label`` paths (CT
-    already on the PET grid) and the ``metadata`` dict."""
+    already on the PET grid), ``mask_options`` and the ``metadata`` dict. The label must be 0/1
+    (integers; ``--mask-threshold`` binarizes a non-integer one)."""
     paths = job.payload
+    options = paths.get("mask_options") or MaskOptions()
     pet = read_image(paths["pet"], "PET (SUV)", job.case_id)
     ct = snap_to_grid(read_image(paths["ct"], "CT", job.case_id), pet, "CT", job.case_id)
-    label = snap_to_grid(read_image(paths["label"], "label", job.case_id), pet, "label", job.case_id)
+    label = labels_from_image(read_image(paths["label"], "label", job.case_id), paths["label"], options, allowed=[1])
+    label = snap_to_grid(label.label, pet, "label", job.case_id)
     return LoadedCase(ct=ct, pet=pet, label=label, metadata=dict(paths["metadata"]))
 
 
@@ -110,8 +114,11 @@ def convert_autopet_fdg(
     num_processes: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    mask_options: MaskOptions | None = None,
 ) -> tuple[ConversionSummary, DatasetSpec]:
     """Convert the autoPET I/II FDG release; returns the summary and the dataset's spec.
+
+    ``mask_options``: ``--mask-threshold`` for the labels (:class:`MaskOptions`).
 
     A study folder without ``CTres.nii.gz`` or ``SEG.nii.gz`` fails with that reason; the others
     go on.
@@ -150,6 +157,7 @@ def convert_autopet_fdg(
                     "ct": study / "CTres.nii.gz",
                     "pet": study / "SUV.nii.gz",
                     "label": study / "SEG.nii.gz",
+                    "mask_options": mask_options,
                     "metadata": {
                         "patient": study.parent.name,
                         "study_date": date,
@@ -178,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     summary, spec = convert_autopet_fdg(
         args.input_dir, args.dataset_id, args.name, args.raw_dir, pet_norm=args.pet_norm,
         num_processes=args.num_processes, overwrite=args.overwrite, progress=not args.no_progress,
+        mask_options=MaskOptions.from_args(args),
     )  # fmt: skip
     return report(summary, spec, args)
 

@@ -24,6 +24,7 @@ from dataset_conversion.autopet_fdg import copy_source_metadata, load_on_pet_gri
 from nnunetv2_l1dfl.conversion.case_ids import CaseKey, assign_case_ids, normalize_study_date
 from nnunetv2_l1dfl.conversion.dataset_folder import FILE_ENDING, DatasetSpec, resolve_raw_dir
 from nnunetv2_l1dfl.conversion.errors import ConversionError
+from nnunetv2_l1dfl.conversion.masks import MaskOptions
 from nnunetv2_l1dfl.conversion.runner import CaseJob, ConversionSummary, convert_cases
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def convert_autopet_iii(
     num_processes: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    mask_options: MaskOptions | None = None,
 ) -> tuple[ConversionSummary, DatasetSpec]:
     """Convert the autoPET III/IV release (``tracer``: ``fdg``, ``psma`` or ``both``).
 
@@ -104,6 +106,7 @@ def convert_autopet_iii(
                     "ct": images / f"{original}_0000{FILE_ENDING}",
                     "pet": images / f"{original}_0001{FILE_ENDING}",
                     "label": labels / f"{original}{FILE_ENDING}",
+                    "mask_options": mask_options,
                     "metadata": {
                         "patient": patient,
                         "study_date": date,
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     summary, spec = convert_autopet_iii(
         args.input_dir, args.dataset_id, args.name, args.raw_dir, tracer=args.tracer, pet_norm=args.pet_norm,
         num_processes=args.num_processes, overwrite=args.overwrite, progress=not args.no_progress,
+        mask_options=MaskOptions.from_args(args),
     )  # fmt: skip
     return report(summary, spec, args)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import sys
 from collections import Counter
@@ -36,12 +37,11 @@ from nnunetv2_l1dfl.conversion.case_ids import CaseKey, PseudonymKey, assign_cas
 from nnunetv2_l1dfl.conversion.dataset_folder import DEFAULT_LABELS, DatasetSpec, LoadedCase, resolve_raw_dir
 from nnunetv2_l1dfl.conversion.errors import ConversionError
 from nnunetv2_l1dfl.conversion.image_io import read_image
+from nnunetv2_l1dfl.conversion.masks import MaskOptions
 from nnunetv2_l1dfl.conversion.resample import place_on_pet_grid
 from nnunetv2_l1dfl.conversion.runner import CaseJob, ConversionSummary, convert_cases
 
 if TYPE_CHECKING:
-    import SimpleITK as sitk
-
     from nnunetv2_l1dfl.conversion.dicom_series import DicomSeries
 
 logger = logging.getLogger(__name__)
@@ -417,35 +417,6 @@ def pairs_from_manifest(
 # ----------------------------------------------------------------------------------------------
 
 
-def _seg_labels(
-    path: Path, reference: sitk.Image, seg_pattern: str | None, roi_labels: dict[str, int] | None
-) -> sitk.Image:
-    """SEG as a label map on ``reference``'s grid: merged into 1, or one read per ``roi_labels`` pattern."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    from nnunetv2_l1dfl.conversion.masks import MaskError, read_dicom_seg
-
-    if not roi_labels:
-        return read_dicom_seg(path, reference, segment_pattern=seg_pattern)
-    out = None
-    for pattern, value in roi_labels.items():  # first pattern wins on overlap, as for RTSTRUCT
-        try:
-            part = sitk.GetArrayFromImage(read_dicom_seg(path, reference, segment_pattern=pattern))
-        except MaskError as e:
-            logger.warning("%s", e)
-            continue
-        out = np.zeros_like(part) if out is None else out
-        out[(part > 0) & (out == 0)] = value
-    if out is None:
-        raise ConversionError(
-            f"{path}: no SegmentLabel (0062,0005) matches any --roi-labels pattern {list(roi_labels)}"
-        )
-    image = sitk.GetImageFromArray(out)
-    image.CopyInformation(reference)
-    return image
-
-
 def load_dicom_case(job: CaseJob) -> LoadedCase:
     """Worker: SUV from the PET series, CT in HU, the mask on its own series' grid, all onto the PET grid.
 
@@ -457,9 +428,12 @@ def load_dicom_case(job: CaseJob) -> LoadedCase:
     import SimpleITK as sitk
 
     from nnunetv2_l1dfl.conversion.dicom_series import read_ct_hu
-    from nnunetv2_l1dfl.conversion.masks import rasterize_rtstruct
+    from nnunetv2_l1dfl.conversion.masks import labels_from_image, read_rtstruct, read_seg
 
     p = job.payload
+    options = p.get("mask_options") or MaskOptions(
+        roi_pattern=p["roi_pattern"], roi_labels=p["roi_labels"], seg_pattern=p["seg_pattern"]
+    )
     suv = _read_suv(p["pet_files"], job.case_id, p.get("half_lives"), p.get("allow_implausible_suv", False))
     pet = suv.image
     ct = read_ct_hu(p["ct_files"])
@@ -467,20 +441,21 @@ def load_dicom_case(job: CaseJob) -> LoadedCase:
     if mask is None:
         native = sitk.Image(pet.GetSize(), sitk.sitkUInt8)
         native.CopyInformation(pet)
+        structures = []
     elif mask[0] == "nifti":
-        native = read_image(mask[1], "mask", job.case_id)
+        placed = labels_from_image(read_image(mask[1], "mask", job.case_id), mask[1], options)
+        native, structures = placed.label, placed.structures
     else:
         modality, path, referenced = mask
         # Rasterize on the series the contours were drawn on (exact), then resample onto the PET grid.
         reference = ct if p["ct_uid"] in referenced and p["pet_uid"] not in referenced else pet
-        if modality == "RTSTRUCT":
-            native, rois = rasterize_rtstruct(
-                path, reference, roi_pattern=p["roi_pattern"], roi_labels=p["roi_labels"]
-            )
-            logger.info("case %s: ROIs used: %s", job.case_id, ", ".join(rois))
-        else:
-            native = _seg_labels(Path(path), reference, p["seg_pattern"], p["roi_labels"])
-    ct, label, warnings = place_on_pet_grid(ct, native, pet, job.case_id)
+        read = read_rtstruct if modality == "RTSTRUCT" else read_seg
+        placed = read(Path(path), reference, options)
+        native, structures = placed.label, placed.structures
+        logger.info("case %s: %s used: %s", job.case_id, modality, ", ".join(s.name for s in structures if s.label))
+    ct, label, warnings = place_on_pet_grid(
+        ct, native, pet, job.case_id, options, structures=structures, ct_name=f"CT series {p['ct_uid']}"
+    )
     details = suv.details
     metadata = dict(p["metadata"])
     metadata.update(
@@ -550,8 +525,12 @@ def convert_dicom_petct(
     num_processes: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    mask_options: MaskOptions | None = None,
 ) -> tuple[ConversionSummary, DatasetSpec, list[tuple[Path, str]]]:
     """Convert a DICOM folder; returns the summary, the spec and the files skipped during discovery.
+
+    ``mask_options``: lesion accounting, ``--mask-threshold`` and CT coverage (:class:`MaskOptions`;
+    its ROI / SEG selection is taken from ``roi_pattern``, ``roi_labels`` and ``seg_pattern``).
 
     ``pseudonym_key`` set = pseudonymize, with the key CSV at that path (outside the dataset).
     Failures before loading (no CT in the frame of reference, several masks, a bad manifest row)
@@ -660,6 +639,10 @@ def convert_dicom_petct(
                     "roi_pattern": roi_pattern,
                     "roi_labels": roi_label_patterns,
                     "seg_pattern": seg_pattern,
+                    "mask_options": dataclasses.replace(
+                        mask_options or MaskOptions(), roi_pattern=roi_pattern, roi_labels=roi_label_patterns,
+                        seg_pattern=seg_pattern,
+                    ),  # fmt: skip
                     "half_lives": dict(extra_half_lives or {}),
                     "allow_implausible_suv": allow_implausible_suv,
                     "warnings": list(entry.get("warnings", ())),
@@ -760,6 +743,7 @@ def run(args: argparse.Namespace) -> int:
     summary, spec, skipped = convert_dicom_petct(
         args.input_dir, args.dataset_id, args.name, args.raw_dir, roi_pattern=args.roi_pattern,
         roi_labels=args.roi_labels, seg_pattern=args.seg_pattern, manifest=args.manifest,
+        mask_options=MaskOptions.from_args(args),
         allow_missing_mask=args.allow_missing_mask, pseudonym_key=key_path, pet_norm=args.pet_norm,
         allow_non_attenuation_corrected=args.allow_non_attenuation_corrected,
         extra_half_lives=dict(args.nuclide or ()), allow_implausible_suv=args.allow_implausible_suv,

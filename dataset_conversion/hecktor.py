@@ -22,6 +22,7 @@ from nnunetv2_l1dfl.conversion.case_ids import CaseKey, assign_case_ids
 from nnunetv2_l1dfl.conversion.dataset_folder import DatasetSpec, LoadedCase, resolve_raw_dir
 from nnunetv2_l1dfl.conversion.errors import ConversionError
 from nnunetv2_l1dfl.conversion.image_io import read_image
+from nnunetv2_l1dfl.conversion.masks import MaskOptions, labels_from_image
 from nnunetv2_l1dfl.conversion.resample import place_on_pet_grid
 from nnunetv2_l1dfl.conversion.runner import CaseJob, ConversionSummary, convert_cases
 
@@ -33,20 +34,18 @@ REFERENCE = "HECKTOR challenge (MICCAI), https://hecktor.grand-challenge.org"
 
 
 def load_hecktor_case(job: CaseJob) -> LoadedCase:
-    """Worker: payload has ``ct``, ``pet``, ``label`` paths and ``metadata``."""
-    import numpy as np
-    import SimpleITK as sitk
-
+    """Worker: payload has ``ct``, ``pet``, ``label`` paths, ``mask_options`` and ``metadata``."""
     p = job.payload
+    options = p.get("mask_options") or MaskOptions()
     pet = read_image(p["pet"], "PET (__PT)", job.case_id)
     ct = read_image(p["ct"], "CT (__CT)", job.case_id)
-    label = read_image(p["label"], "label", job.case_id)
-    values = set(np.unique(sitk.GetArrayViewFromImage(label)).tolist())
-    if not values <= set(LABELS.values()):
-        raise ConversionError(
-            f"case {job.case_id}: label {p['label']} has values {sorted(values)}, expected 0/1 (GTVp)/2 (GTVn)"
-        )
-    ct, label, warnings = place_on_pet_grid(ct, label, pet, job.case_id)
+    # Integer values 0/1 (GTVp)/2 (GTVn) only; each value keeps its own lesion accounting.
+    label = labels_from_image(
+        read_image(p["label"], "label", job.case_id), p["label"], options, allowed=list(LABELS.values())
+    )
+    ct, label, warnings = place_on_pet_grid(
+        ct, label.label, pet, job.case_id, options, structures=label.structures, ct_name=f"CT {p['ct']}"
+    )
     return LoadedCase(ct=ct, pet=pet, label=label, metadata=dict(p["metadata"]), warnings=warnings)
 
 
@@ -60,8 +59,10 @@ def convert_hecktor(
     num_processes: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    mask_options: MaskOptions | None = None,
 ) -> tuple[ConversionSummary, DatasetSpec]:
-    """Convert a HECKTOR training folder (see the module docstring for the layout)."""
+    """Convert a HECKTOR training folder (see the module docstring for the layout); ``mask_options``:
+    lesion accounting, ``--mask-threshold`` and CT coverage (:class:`MaskOptions`)."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise ConversionError(f"input folder not found: {input_dir}")
@@ -104,6 +105,7 @@ def convert_hecktor(
                     "ct": ct,
                     "pet": pet,
                     "label": candidates[0],
+                    "mask_options": mask_options,
                     "metadata": {
                         "patient": hecktor_id,
                         "tracer": "FDG",
@@ -131,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     summary, spec = convert_hecktor(
         args.input_dir, args.dataset_id, args.name, args.raw_dir, pet_norm=args.pet_norm,
         num_processes=args.num_processes, overwrite=args.overwrite, progress=not args.no_progress,
+        mask_options=MaskOptions.from_args(args),
     )  # fmt: skip
     return report(summary, spec, args)
 

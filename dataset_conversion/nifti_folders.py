@@ -31,6 +31,7 @@ from nnunetv2_l1dfl.conversion.case_ids import CaseKey, PseudonymKey, assign_cas
 from nnunetv2_l1dfl.conversion.dataset_folder import DatasetSpec, LoadedCase, resolve_raw_dir
 from nnunetv2_l1dfl.conversion.errors import ConversionError
 from nnunetv2_l1dfl.conversion.image_io import read_image
+from nnunetv2_l1dfl.conversion.masks import MaskOptions, labels_from_image
 from nnunetv2_l1dfl.conversion.resample import place_on_pet_grid
 from nnunetv2_l1dfl.conversion.runner import CaseJob, ConversionSummary, convert_cases
 
@@ -124,13 +125,12 @@ def load_nifti_case(job: CaseJob) -> LoadedCase:
     else:
         metadata["suv_branch"] = "precomputed: PET given in SUV"
     ct = read_image(p["ct"], "CT", job.case_id)
-    mask = read_image(p["mask"], "mask", job.case_id)
-    mask_values = sitk.GetArrayViewFromImage(mask)
-    if mask_values.size and (mask_values.min() < 0 or mask_values.max() > 1):
-        binary = sitk.Cast(mask > 0, sitk.sitkUInt8)  # several lesion labels merged into one class
-        binary.CopyInformation(mask)
-        mask = binary
-    ct, label, warnings = place_on_pet_grid(ct, mask, pet, job.case_id)
+    options = p.get("mask_options") or MaskOptions()
+    # Several lesion values are merged into one class; each value keeps its own lesion accounting.
+    mask = labels_from_image(read_image(p["mask"], "mask", job.case_id), p["mask"], options, merge=True)
+    ct, label, warnings = place_on_pet_grid(
+        ct, mask.label, pet, job.case_id, options, structures=mask.structures, ct_name=f"CT {p['ct']}"
+    )
     return LoadedCase(ct=ct, pet=pet, label=label, metadata=metadata, warnings=warnings)
 
 
@@ -170,8 +170,13 @@ def convert_nifti_folders(
     num_processes: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    mask_options: MaskOptions | None = None,
+    allow_implausible_suv: bool = False,
 ) -> tuple[ConversionSummary, DatasetSpec]:
-    """Convert NIfTI case folders (or a manifest's rows); ``pseudonym_key`` set = pseudonymize."""
+    """Convert NIfTI case folders (or a manifest's rows); ``pseudonym_key`` set = pseudonymize.
+
+    ``mask_options``: lesion accounting, ``--mask-threshold`` and CT coverage (:class:`MaskOptions`).
+    """
     if pet_units not in PET_UNITS:
         raise ConversionError(f"--pet-units must be one of {PET_UNITS}, got {pet_units!r}")
     input_dir = Path(input_dir)
@@ -233,12 +238,14 @@ def convert_nifti_folders(
                     "mask": row["mask"],
                     "pet_units": units,
                     "row": row,
+                    "mask_options": mask_options,
                     "metadata": {
                         "patient": patients[key],
                         "study_date": "" if pseudonym_key else normalize_study_date(row.get("study_date")),
                         "tracer": row.get("tracer") or tracer,
                         "scanner": row.get("scanner", ""),
                         "source": "" if pseudonym_key else row["case"],
+                        "allow_implausible_suv": allow_implausible_suv,
                     },
                 },
             )  # fmt: skip
@@ -273,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
     summary, spec = convert_nifti_folders(
         args.input_dir, args.dataset_id, args.name, args.raw_dir, manifest=args.manifest, pet_units=args.pet_units,
         tracer=args.tracer, pseudonym_key=key_path, pet_norm=args.pet_norm, num_processes=args.num_processes,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress, mask_options=MaskOptions.from_args(args),
+        allow_implausible_suv=getattr(args, "allow_implausible_suv", False),
     )  # fmt: skip
     if key_path:
         print(f"pseudonym key (keep it private, outside the dataset): {key_path}")

@@ -481,13 +481,17 @@ def write_seg(
     segments: Mapping[str, np.ndarray],
     *,
     omit_empty_frames: bool = True,
+    segmentation_type: str = "BINARY",
 ) -> Path:
-    """Write a binary DICOM SEG (highdicom) of the given masks, and return ``path``.
+    """Write a DICOM SEG (highdicom) of the given masks, and return ``path``.
 
     reference_files: the image series the masks live on (any order; sorted here along the normal).
     segments: segment label -> binary mask (z, y, x) on the referenced grid; segment numbers are
         1, 2, ... in the mapping's order. Empty frames are left out (highdicom's default), as
         most SEG writers do, so readers must fill them.
+    segmentation_type: ``BINARY`` (default); ``FRACTIONAL`` (the masks are probabilities in [0, 1],
+        stored as PROBABILITY with MaximumFractionalValue 255); ``LABELMAP`` (the masks must not
+        overlap; stored as one label map, highdicom adds segment 0 'Background').
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -497,12 +501,20 @@ def write_seg(
     sources = [pydicom.dcmread(by_uid[str(h.SOPInstanceUID)]) for h in headers]
     if not segments:
         raise ValueError("segments is empty")
-    arrays = [np.asarray(m).astype(bool) for m in segments.values()]
+    fractional = segmentation_type == "FRACTIONAL"
+    arrays = [np.asarray(m, dtype=np.float32) if fractional else np.asarray(m).astype(bool) for m in segments.values()]
     shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
     for name, array in zip(segments, arrays):
         if array.shape != shape:
             raise ValueError(f"segment {name!r}: mask shape {array.shape} differs from the reference grid {shape}")
-    pixel_array = np.stack(arrays, axis=-1).astype(np.uint8)  # (frames, rows, columns, segments)
+    if fractional:
+        pixel_array = np.stack(arrays, axis=-1)  # (frames, rows, columns, segments), floats in [0, 1]
+    elif segmentation_type == "LABELMAP":
+        pixel_array = np.zeros(shape, dtype=np.uint8)
+        for number, array in enumerate(arrays, start=1):
+            pixel_array[array] = number
+    else:
+        pixel_array = np.stack(arrays, axis=-1).astype(np.uint8)  # (frames, rows, columns, segments)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -517,7 +529,7 @@ def write_seg(
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
         series_instance_uid=generate_uid(),
         series_number=100,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import _conversion_helpers as h
@@ -97,14 +98,15 @@ def test_nifti_folders_resample_and_suv_from_manifest(tmp_path):
     h.write_image(h.pet_suv_volume(), source / "ambiguous" / "pet_b.nii.gz", h.PET_SPACING, h.PET_ORIGIN)
     raw = tmp_path / "raw"
     assert (
-        main(["convert", "nifti", str(source), "-d", "301", "-n", "Folders", "-o", str(raw), "--no-progress"])
+        main(["convert", "nifti", str(source), "-d", "301", "-n", "Folders", "-o", str(raw), "--no-progress",
+              "--allow-implausible-suv"])  # fmt: skip
         == 1
     )
     rows = _metadata(raw / "Dataset301_Folders")
     assert set(rows) == {"Patient-1", "p2-0001"}  # sanitized: no space, no _XXXX channel-like ending
     assert "CT not covering PET" in rows["Patient-1"]["warnings"]
     assert rows["p2-0001"]["n_lesions"] == "2"  # both lesion values merged into label 1, still two lesions
-    assert "SUV out of plausible range" in rows["p2-0001"]["warnings"]  # Bq/ml read as SUV is flagged
+    assert "implausible SUV" in rows["p2-0001"]["warnings"]  # Bq/ml read as SUV is flagged (accepted on request)
     label = _read(raw / "Dataset301_Folders" / "labelsTr" / "Patient-1.nii.gz")
     assert label.shape == h.PET_SHAPE and set(np.unique(label)) == {0, 1}
 
@@ -161,3 +163,54 @@ def test_clear_errors_for_unknown_layout_and_missing_output(tmp_path, monkeypatc
     source = h.make_autopet_fdg(tmp_path / "download")
     assert main(["convert", "autopet", str(source), "-d", "1", "-n", "X"]) == 2
     assert "pass -o RAW_DIR or set the environment variable nnUNet_raw" in capsys.readouterr().err
+
+
+def _nifti_case(folder: Path, mask: np.ndarray, ct_origin=h.CT_ORIGIN) -> None:
+    h.write_image(h.ct_volume(), folder / "ct.nii.gz", h.CT_SPACING, ct_origin)
+    h.write_image(h.pet_suv_volume(), folder / "suv.nii.gz", h.PET_SPACING, h.PET_ORIGIN)
+    h.write_image(mask, folder / "seg.nii.gz", h.PET_SPACING, h.PET_ORIGIN)
+
+
+def _convert_nifti(source: Path, raw: Path, dataset_id: int, *flags: str) -> int:
+    return main(["convert", "nifti", str(source), "-d", str(dataset_id), "-n", "Masks", "-o", str(raw), "--no-progress",
+                 *flags])  # fmt: skip
+
+
+def test_nifti_fractional_mask_refused_or_thresholded_on_request(tmp_path, capsys):
+    """A 0.5-valued mask was cast to 0: a lesion-free case written with exit code 0."""
+    lesions = h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN).astype(np.float32)
+    _nifti_case(tmp_path / "cases" / "soft", 0.5 * lesions)
+    raw = tmp_path / "raw"
+    assert _convert_nifti(tmp_path / "cases", raw, 311) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"FAILED soft: .*soft/seg.nii.gz: mask values are not integers \(0.5; \d+ voxels\).*--mask-threshold", err)
+    assert not (raw / "Dataset311_Masks" / "labelsTr" / "soft.nii.gz").exists()
+    assert _convert_nifti(tmp_path / "cases", raw, 312, "--mask-threshold", "0.5") == 0
+    label = _read(raw / "Dataset312_Masks" / "labelsTr" / "soft.nii.gz")
+    np.testing.assert_array_equal(label, lesions.astype(np.uint8))
+    assert "thresholded at 0.5" in _metadata(raw / "Dataset312_Masks")["soft"]["warnings"]
+
+
+def test_nifti_ct_outside_the_pet_and_lost_lesion_fail_unless_allowed(tmp_path, capsys):
+    mask = h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN)
+    _nifti_case(tmp_path / "far" / "c1", mask, ct_origin=(-31.0, -31.0, 900.0))
+    raw = tmp_path / "raw"
+    assert _convert_nifti(tmp_path / "far", raw, 313) == 1
+    assert re.search(r"FAILED c1: case c1: CT not covering PET: CT .*c1/ct.nii.gz covers 0.0% of the PET activity",
+                     capsys.readouterr().err)  # fmt: skip
+    assert _convert_nifti(tmp_path / "far", raw, 314, "--allow-partial-ct") == 0
+    assert "CT not covering PET (--allow-partial-ct)" in _metadata(raw / "Dataset314_Masks")["c1"]["warnings"]
+
+    # A lesion drawn on a mask grid that reaches beyond the PET: the part outside is a lost lesion.
+    beyond = np.zeros((h.PET_SHAPE[0] + 6,) + h.PET_SHAPE[1:], np.uint8)
+    beyond[: h.PET_SHAPE[0]] = mask
+    beyond[-3:, 6:9, 6:9] = 1  # 12-16 mm above the PET's last slice
+    folder = tmp_path / "lost" / "c2"
+    _nifti_case(folder, mask)
+    h.write_image(beyond, folder / "seg.nii.gz", h.PET_SPACING, h.PET_ORIGIN)
+    assert _convert_nifti(tmp_path / "lost", raw, 315) == 1
+    assert re.search(r"FAILED c2: lesion loss: .*c2/seg.nii.gz: label 'value 1': 1 of 3 lesion\(s\) lie outside the PET grid",
+                     capsys.readouterr().err)  # fmt: skip
+    assert _convert_nifti(tmp_path / "lost", raw, 316, "--allow-lesion-loss") == 0
+    row = _metadata(raw / "Dataset316_Masks")["c2"]
+    assert "lesion loss accepted (--allow-lesion-loss)" in row["warnings"] and row["n_lesions"] == "2"

@@ -1,6 +1,8 @@
 """RTSTRUCT rasterization (IBSI DROs and synthetic contours), DICOM SEG and NIfTI masks."""
 
 import logging
+import re
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -12,10 +14,15 @@ from scipy import ndimage
 from nnunetv2_l1dfl.conversion.dicom_series import load_slice_stack
 from nnunetv2_l1dfl.conversion.masks import (
     MaskError,
+    MaskOptions,
+    check_structures,
+    labels_from_image,
     list_rtstruct_rois,
     rasterize_rtstruct,
     read_dicom_seg,
     read_nifti_mask,
+    read_rtstruct,
+    read_seg,
 )
 from nnunetv2_l1dfl.conversion.suv import read_pet_suv
 
@@ -168,7 +175,7 @@ def test_nifti_mask_same_grid_other_grid_and_bad_values(tmp_path, pet_grid):
 
     as_float.SetOrigin(reference.GetOrigin())
     sitk.WriteImage(as_float * 0.5, str(tmp_path / "soft.nii.gz"))
-    with pytest.raises(MaskError, match=r"soft.nii.gz: label values must be integers"):
+    with pytest.raises(MaskError, match=r"soft.nii.gz: mask values are not integers \(0.5; 342 voxels\).*--mask-threshold"):
         read_nifti_mask(tmp_path / "soft.nii.gz", reference)
 
 
@@ -197,3 +204,168 @@ def test_nifti_mask_whose_lesions_merge_on_the_reference_warns(tmp_path, caplog)
         read_nifti_mask(tmp_path / "single.nii.gz", reference)
     record = next(r for r in caplog.records if "resampled onto the reference" in r.getMessage())
     assert record.levelno == logging.INFO and "1 lesions before, 1 after, 0 rescued, 0 lost, 0 merged" in record.getMessage()
+
+
+# ---- SEG types and lesion accounting (issue 10) ------------------------------------------------
+
+
+def test_seg_of_every_type_binary_fractional_labelmap(tmp_path, pet_grid):
+    """LABELMAP: pixel value = segment number and segment 0 'Background' is never a lesion (it made
+    the whole volume lesion); FRACTIONAL: a voxel is in at >= 0.5 of MaximumFractionalValue."""
+    files, reference = pet_grid
+    lesion, small, _ = _shapes()
+    labelmap = write_seg(tmp_path / "labelmap.dcm", files, {"lesion": lesion, "node": small}, segmentation_type="LABELMAP")
+    header = pydicom.dcmread(labelmap)
+    assert header.SegmentationType == "LABELMAP"
+    assert [(int(s.SegmentNumber), s.SegmentLabel) for s in header.SegmentSequence][0] == (0, "Background")
+    merged = sitk.GetArrayFromImage(read_dicom_seg(labelmap, reference))
+    np.testing.assert_array_equal(merged, (lesion | small).astype(np.uint8))
+    numbered = sitk.GetArrayFromImage(read_dicom_seg(labelmap, reference, keep_segment_numbers=True))
+    np.testing.assert_array_equal(numbered, np.where(small, 2, 0) + np.where(lesion, 1, 0))
+    with pytest.raises(MaskError, match=r"no SegmentLabel .* matches 'background'; segments: 0: 'Background', 1: 'lesion'"):
+        read_dicom_seg(labelmap, reference, segment_pattern="background")
+
+    probability = np.where(lesion, 0.6, 0.0) + np.where(small, 0.4, 0.0)  # 153/255 and 102/255
+    fractional = write_seg(tmp_path / "fractional.dcm", files, {"lesion": probability}, segmentation_type="FRACTIONAL")
+    assert pydicom.dcmread(fractional).SegmentationType == "FRACTIONAL"
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_dicom_seg(fractional, reference)), lesion.astype(np.uint8))
+
+    # A BINARY segment labelled 'Background' is not taken by default, only when a pattern asks for it.
+    with_background = write_seg(tmp_path / "bg.dcm", files, {"Background": ~lesion, "lesion": lesion})
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_dicom_seg(with_background, reference)), lesion.astype(np.uint8))
+    everything = sitk.GetArrayFromImage(read_dicom_seg(with_background, reference, segment_pattern="."))
+    assert everything.all()
+
+
+def _rtstruct(tmp_path, files, rois) -> pydicom.Dataset:
+    path = write_rtstruct(tmp_path / "rs.dcm", files, rois)
+    return pydicom.dcmread(path)
+
+
+def _contours_of(ds: pydicom.Dataset, name: str):
+    number = next(int(r.ROINumber) for r in ds.StructureSetROISequence if r.ROIName == name)
+    return next(item for item in ds.ROIContourSequence if int(item.ReferencedROINumber) == number)
+
+
+def _shift(contour, dx=0.0, dz=0.0) -> None:
+    points = np.asarray(contour.ContourData, float).reshape(-1, 3) + [dx, 0.0, dz]
+    contour.ContourData = [f"{v:.6f}" for v in points.ravel()]
+
+
+def _mutated(tmp_path, files, mutate) -> Path:
+    lesion, small, _ = _shapes()
+    ds = _rtstruct(tmp_path, files, {"lesion 1": lesion, "lesion 2": small, "lesion 3": np.zeros_like(lesion)})
+    mutate(ds)
+    path = tmp_path / "mutated.dcm"
+    ds.save_as(path)
+    return path
+
+
+def _open_planar(ds):
+    for contour in _contours_of(ds, "lesion 2").ContourSequence:
+        contour.ContourGeometricType = "OPEN_PLANAR"
+
+
+def _two_points(ds):
+    for contour in _contours_of(ds, "lesion 2").ContourSequence:
+        contour.ContourData = contour.ContourData[:6]
+        contour.NumberOfContourPoints = 2
+
+
+def _outside_z(ds):
+    for contour in _contours_of(ds, "lesion 2").ContourSequence:
+        _shift(contour, dz=30.0)  # the grid spans 8 slices of 3 mm
+
+
+def _outside_in_plane(ds):
+    for contour in _contours_of(ds, "lesion 2").ContourSequence:
+        _shift(contour, dx=300.0)
+
+
+def _dangling(ds):
+    _contours_of(ds, "lesion 2").ReferencedROINumber = 77
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (_open_planar, r"ROI 'lesion 2': 2 contours OPEN_PLANAR \(only CLOSED_PLANAR contours enclose a volume\) cannot be rasterized"),
+        (_two_points, r"ROI 'lesion 2': 2 contours with 2 point\(s\) \(a closed contour needs 3\) cannot be rasterized"),
+        (_outside_z, r"ROI 'lesion 2': 1 lesion drawn entirely outside the reference image"),
+        (_outside_in_plane, r"ROI 'lesion 2': 1 lesion drawn entirely outside the reference image"),
+        (_dangling, r"ReferencedROINumber \(3006,0084\) 77: no ROI of that number .* 2 contours cannot be selected"),
+    ],
+    ids=["open_planar", "two_points", "outside_z", "outside_in_plane", "dangling_roi_number"],
+)
+def test_rtstruct_lesion_loss_fails_naming_file_and_roi(tmp_path, pet_grid, caplog, mutate, reason):
+    """Each of these lost a lesion silently; now the loss names the file and the ROI, once per ROI
+    with a count, and ``allow_lesion_loss`` records it as a warning instead."""
+    files, reference = pet_grid
+    lesion, _, _ = _shapes()
+    path = _mutated(tmp_path, files, mutate)
+    with caplog.at_level(logging.WARNING, logger="nnunetv2_l1dfl"):
+        result = read_rtstruct(path, reference)
+    with pytest.raises(MaskError, match=rf"mutated.dcm: .*{reason}") as error:
+        check_structures(result.structures)
+    # 'lesion 3' has no contours at all: it ends empty, in the same message.
+    assert "ROI 'lesion 3': no contours" in str(error.value) and "--allow-lesion-loss" in str(error.value)
+    assert sum("lesion 2" in r.getMessage() for r in caplog.records) == 1  # once per ROI, not per plane
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.label), lesion.astype(np.uint8))
+    warnings = check_structures(result.structures, allow_lesion_loss=True)
+    assert any(w.startswith("lesion loss accepted (--allow-lesion-loss): ") and re.search(reason, w) for w in warnings)
+
+
+def test_rtstruct_accounting_counts_each_roi_and_partial_cuts(tmp_path, pet_grid):
+    files, reference = pet_grid
+    lesion, small, _ = _shapes()
+    top = np.zeros_like(lesion)
+    top[5:8, 2:5, 2:5] = True  # 27 voxels on the last three slices
+    ds = _rtstruct(tmp_path, files, {"lesion 1": lesion, "lesion 2": small, "lesion top": top})
+    for contour in _contours_of(ds, "lesion top").ContourSequence:
+        _shift(contour, dz=3.0)  # one slice up: its top slice now lies above the grid
+    path = tmp_path / "shifted.dcm"
+    ds.save_as(path)
+    result = read_rtstruct(path, reference)
+    by_name = {s.name: s for s in result.structures}
+    assert [(st.name, st.voxels, st.lesions) for st in by_name["lesion 1"].stages] == [
+        ("drawn", int(lesion.sum()), 1), ("reference", int(lesion.sum()), 1)
+    ]
+    assert [(st.voxels, st.lesions) for st in by_name["lesion 2"].stages] == [(4 + 1, 1), (5, 1)]
+    assert [st.voxels for st in by_name["lesion top"].stages] == [27, 18]
+    assert by_name["lesion top"].stages[0].ml == pytest.approx(27 * 2.0 * 2.5 * 3.0 / 1000)
+    assert check_structures(result.structures) == [
+        f"{path}: ROI 'lesion top': 9 of 27 voxels (33.3%) drawn outside the reference image are cut off"
+    ]
+
+
+def test_seg_frames_outside_the_reference_and_empty_seg_fail(tmp_path, pet_grid):
+    files, reference = pet_grid
+    lesion, small, _ = _shapes()
+    seg = write_seg(tmp_path / "seg.dcm", files, {"primary lesion": lesion, "node": small})
+    lower = reference[:, :, :5]  # slices 0..4: the node (slices 6, 7) lies above it
+    result = read_seg(seg, lower)
+    node = result.structures[1]
+    assert [(st.name, st.voxels, st.lesions) for st in node.stages] == [("drawn", 5, 1), ("reference", 0, 0)]
+    with pytest.raises(MaskError, match=r"seg.dcm: segment '2 node': 1 of 1 lesion\(s\) lie outside the reference grid"):
+        check_structures(result.structures)
+    assert [st.voxels for st in result.structures[0].stages] == [342, 90 + 81 + 81]  # its slice 5 is cut off
+
+    empty = write_seg(tmp_path / "empty.dcm", files, {"lesion": np.zeros_like(lesion)}, omit_empty_frames=False)
+    result = read_seg(empty, reference)
+    with pytest.raises(MaskError, match=r"empty.dcm: segment '1 lesion': empty in the SEG \(BINARY: no voxel in any frame\)"):
+        check_structures(result.structures)
+    assert check_structures(result.structures, allow_lesion_loss=True)[0].startswith("lesion loss accepted")
+
+
+def test_nifti_mask_threshold_only_when_asked(tmp_path, pet_grid):
+    _, reference = pet_grid
+    lesion, _, _ = _shapes()
+    soft = sitk.GetImageFromArray(np.where(lesion, 0.5, 0.0).astype(np.float32))
+    soft.CopyInformation(reference)
+    with pytest.raises(MaskError, match=r"soft.nii.gz: mask values are not integers \(0.5; 342 voxels\)"):
+        labels_from_image(soft, "soft.nii.gz")
+    result = labels_from_image(soft, "soft.nii.gz", MaskOptions(mask_threshold=0.5))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.label), lesion.astype(np.uint8))
+    assert "thresholded at 0.5" in check_structures(result.structures)[0]
+    with pytest.raises(MaskError, match="positive"):
+        MaskOptions(mask_threshold=0.0)

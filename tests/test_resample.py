@@ -257,3 +257,66 @@ def test_rotated_reference_uses_sampling_and_agrees_with_the_exact_overlap():
     assert np.abs(sampled - exact).max() < 0.2
     disagree = (sampled >= 0.5) != (exact >= 0.5)
     assert disagree.sum() <= 0.05 * (exact >= 0.5).sum() and np.all(np.abs(exact[disagree] - 0.5) < 0.15)
+
+
+def test_fractional_mask_is_refused_not_truncated():
+    """A 0.5-valued mask used to be cast to uint8 (all background) and resampled as lesion-free."""
+    mask = sitk.GetImageFromArray(np.full((4, 4, 4), 0.5, np.float32))
+    coarse = _grid((2, 2, 2), (2.0, 2.0, 2.0), (0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match=r"mask values must be integer labels, found 0.5"):
+        resample_mask_to(mask, coarse)
+    whole = sitk.GetImageFromArray(np.ones((4, 4, 4), np.float32))  # 0.0 / 1.0 floats are fine
+    assert sitk.GetArrayFromImage(resample_mask_to(whole, coarse)[0]).all()
+
+
+def _pet_and_ct(ct_origin_z: float):
+    pet = _grid((8, 8, 10), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    pet = sitk.Cast(pet, sitk.sitkFloat32) + 1.0  # uniform activity
+    ct = _grid((16, 16, 20), (2.0, 2.0, 2.0), (-1.0, -1.0, ct_origin_z))
+    return pet, sitk.Cast(ct, sitk.sitkFloat32)
+
+
+def test_ct_not_covering_the_pet_fails_unless_allowed():
+    """A CT that misses the PET gave an all -1024 HU channel with a warning only."""
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
+    from nnunetv2_l1dfl.conversion.masks import MaskOptions
+    from nnunetv2_l1dfl.conversion.resample import MIN_CT_COVERAGE, ct_activity_coverage, place_on_pet_grid
+
+    label = _grid((8, 8, 10), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    pet, far = _pet_and_ct(500.0)
+    assert ct_activity_coverage(far, pet) == 0.0
+    with pytest.raises(ConversionError, match=r"case c1: CT not covering PET: CT series 1.2.3 covers 0.0% of the PET "
+                       r"activity \(0.0% of the PET field of view.*at least 80% is required.*--allow-partial-ct"):  # fmt: skip
+        place_on_pet_grid(far, label, pet, "c1", ct_name="CT series 1.2.3")
+    ct, _, warnings = place_on_pet_grid(far, label, pet, "c1", MaskOptions(allow_partial_ct=True), ct_name="CT x")
+    assert np.all(sitk.GetArrayFromImage(ct) == -1024.0)
+    assert warnings == ["CT not covering PET (--allow-partial-ct): CT x covers 0.0% of the PET activity (0.0% of "
+                        "the PET field of view; filled with -1024 HU outside)"]  # fmt: skip
+    # CT from z = 7 mm: the PET slices at z = 8 ... 36 mm, 8 of 10, are covered: a warning only.
+    pet, partial = _pet_and_ct(8.0)
+    assert ct_activity_coverage(partial, pet) == pytest.approx(0.8) and MIN_CT_COVERAGE == 0.8
+    assert place_on_pet_grid(partial, label, pet, "c1")[2][0].startswith("CT not covering PET: the CT covers 80.0%")
+    pet_activity = sitk.GetArrayFromImage(pet)
+    pet_activity[:2] = 50.0  # the uncovered slices z = 0, 4 mm hold most of the activity: 8 x 1 / (8 x 1 + 2 x 50)
+    hot = sitk.GetImageFromArray(pet_activity)
+    hot.CopyInformation(pet)
+    with pytest.raises(ConversionError, match=r"covers 7.4% of the PET activity \(80.0% of the PET field of view"):
+        place_on_pet_grid(partial, label, hot, "c1")
+
+
+def test_place_on_pet_grid_fails_on_a_lost_lesion_unless_allowed():
+    from nnunetv2_l1dfl.conversion.masks import MaskError, MaskOptions
+    from nnunetv2_l1dfl.conversion.resample import place_on_pet_grid
+
+    pet, _ = _pet_and_ct(0.0)
+    labels = np.zeros((30, 20, 20), np.uint8)
+    labels[2:6, 2:6, 2:6] = 1  # inside the PET
+    labels[26:29, 10:14, 10:14] = 1  # z 52-56 mm: above the PET (z -2 ... 38 mm)
+    label = sitk.GetImageFromArray(labels)
+    label.SetSpacing((2.0, 2.0, 2.0))
+    with pytest.raises(MaskError, match=r"mask.nii.gz: label 'value 1': 1 of 2 lesion\(s\) lie outside the PET grid"):
+        place_on_pet_grid(pet, label, pet, "c1", label_name="mask.nii.gz")
+    _, on_pet, warnings = place_on_pet_grid(pet, label, pet, "c1", MaskOptions(allow_lesion_loss=True), label_name="m")
+    assert sitk.GetArrayFromImage(on_pet).sum() == 8
+    assert warnings == ["lesion loss accepted (--allow-lesion-loss): m: label 'value 1': 1 of 2 lesion(s) lie outside "
+                        "the PET grid and have no voxel there"]  # fmt: skip

@@ -122,6 +122,29 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_implausible_suv_argument(parser)
+    add_mask_arguments(parser)
+
+
+def add_mask_arguments(parser: argparse.ArgumentParser, ct_coverage: bool = True) -> None:
+    """Lesion accounting and CT coverage options (nnunetv2_l1dfl.conversion.masks.MaskOptions; docs/masks.md)."""
+    parser.add_argument(
+        "--allow-lesion-loss", action="store_true",
+        help="convert a case whose selected ROI / segment / label ends empty or loses a lesion (unusable or "
+        "out-of-image contours, SEG frames outside the PET, ...) and record the loss in case_metadata.csv's "
+        "warnings; default: the case fails naming the file and the ROI / segment",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mask-threshold", type=float, default=None, metavar="T",
+        help="binarize masks with non-integer values (probability / partial-volume NIfTI masks) at value >= T; "
+        "default: such a mask fails its case (a cast would truncate 0.5 to background)",
+    )  # fmt: skip
+    if not ct_coverage:
+        return
+    parser.add_argument(
+        "--allow-partial-ct", action="store_true",
+        help="convert a case whose CT covers less than 80%% of the PET activity (filled with -1024 HU outside) "
+        "with a recorded warning; default: the case fails naming the CT and its coverage",
+    )  # fmt: skip
 
 
 def add_pseudonymize_arguments(parser: argparse.ArgumentParser) -> None:

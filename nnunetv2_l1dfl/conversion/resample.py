@@ -15,6 +15,7 @@ and after, and how many were lost, rescued or merged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ from nnunetv2_l1dfl.conversion.geometry import geometry_mismatch, snap_to_grid
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
+
+    from nnunetv2_l1dfl.conversion.masks import MaskOptions, MaskStructure
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +254,9 @@ def _centre_fraction(binary: np.ndarray, lo: np.ndarray, source: sitk.Image, ref
     return sitk.GetArrayFromImage(sitk.Resample(piece, window, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
 
 
-def resample_mask_to(mask: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, MaskResampleReport]:
+def resample_mask_to(
+    mask: sitk.Image, reference: sitk.Image, log_messages: bool = True
+) -> tuple[sitk.Image, MaskResampleReport]:
     """Label map resampled onto ``reference``'s grid, keeping every lesion that can be kept.
 
     mask: integer label map (0 = background), any grid in the same physical space. Per label, the
@@ -263,13 +268,23 @@ def resample_mask_to(mask: sitk.Image, reference: sitk.Image) -> tuple[sitk.Imag
     lost only when it lies entirely outside the reference grid, or when every reference voxel it
     overlaps already holds another label. Returns a uint8 label map with ``reference``'s geometry
     and the report (lost, rescued and merged lesions are also logged as warnings); identical
-    geometries are copied through unchanged.
+    geometries are copied through unchanged. A mask with non-integer values (a probability map) is
+    refused with a ``ValueError``: casting it would truncate 0.5 to background. ``log_messages``:
+    log the report's messages as warnings (the callers that report per structure turn it off).
     """
     import cc3d
     import SimpleITK as sitk
     from scipy import ndimage
 
     source_array = sitk.GetArrayFromImage(mask)
+    if np.issubdtype(source_array.dtype, np.floating) and source_array.size:
+        if not np.all(np.isfinite(source_array)) or not np.all(np.mod(source_array, 1) == 0):
+            odd = np.unique(source_array[~np.isfinite(source_array) | (np.mod(source_array, 1) != 0)])
+            raise ValueError(
+                f"mask values must be integer labels, found {', '.join(f'{v:g}' for v in odd[:5])}"
+                + (f" ... ({len(odd)} distinct)" if len(odd) > 5 else "")
+                + ": threshold a probability mask first"
+            )
     if source_array.size and (source_array.min() < 0 or source_array.max() > 255):
         raise ValueError(f"mask labels must be in 0..255, got {source_array.min()}..{source_array.max()}")
     source_array = source_array.astype(np.uint8)
@@ -346,47 +361,106 @@ def resample_mask_to(mask: sitk.Image, reference: sitk.Image) -> tuple[sitk.Imag
                 f"label {value}: {before[value]} lesions before, {after} after on the reference grid "
                 f"({lost[value]} lost): {merged} merged with a neighbour"
             )
-    for message in report.messages:
-        logger.warning(message)
+    if log_messages:
+        for message in report.messages:
+            logger.warning(message)
     out = sitk.GetImageFromArray(out_array)
     out.CopyInformation(reference)
     return out, report
 
 
-# Below this fraction of the PET field of view covered by the CT, the case gets a warning.
-MIN_CT_COVERAGE = 0.98
+# The CT must cover at least this share of the PET's activity (sum of positive PET values at the
+# voxel centres it covers, over the whole PET's): below it the case fails (--allow-partial-ct: a
+# warning). Activity-weighted because a CT reconstructed on a 500 mm field of view routinely covers
+# only about 40 % of a 700-800 mm PET field of view in-plane, all of it air outside the body; what
+# must not be missing is the body. 0.8 lets a CT that stops short of the head or the feet through
+# (with the warning below) and refuses one that misses a large part of the body, or all of it.
+MIN_CT_COVERAGE = 0.8
+# Below this share of the activity (and above MIN_CT_COVERAGE) the case gets a warning.
+WARN_CT_COVERAGE = 0.98
+
+
+def ct_activity_coverage(ct: sitk.Image, pet: sitk.Image) -> float:
+    """Share (0..1) of the PET's activity (sum of its positive voxel values) at voxel centres inside
+    the CT's field of view (the rule of :func:`ct_coverage_fraction`); the plain voxel share when
+    the PET holds no positive value."""
+    import SimpleITK as sitk
+
+    ones = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+    ones.CopyInformation(ct)
+    ones = ones + 1
+    covered = sitk.GetArrayFromImage(
+        sitk.Resample(ones, pet, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    ) > 0
+    activity = np.clip(sitk.GetArrayViewFromImage(pet).astype(np.float64), 0.0, None)
+    total = float(activity.sum())
+    if not np.isfinite(total) or total <= 0:
+        return float(covered.mean())
+    return float(activity[covered].sum() / total)
 
 
 def place_on_pet_grid(
-    ct: sitk.Image, label: sitk.Image, pet: sitk.Image, case_id: str
+    ct: sitk.Image,
+    label: sitk.Image,
+    pet: sitk.Image,
+    case_id: str,
+    options: MaskOptions | None = None,
+    *,
+    structures: Sequence[MaskStructure] | None = None,
+    ct_name: str = "the CT",
+    label_name: str = "label",
 ) -> tuple[sitk.Image, sitk.Image, list[str]]:
     """CT and label on the PET grid, with the warnings the metadata table should carry.
 
     CT: copied through when already on the PET grid (within 0.01 mm of rounding), else resampled
-    linearly with -1024 HU outside its field of view; a warning when it covers less than
-    :data:`MIN_CT_COVERAGE` of the PET. Label: resampled per label as a fraction map thresholded at
-    0.5 (:func:`~nnunetv2_l1dfl.conversion.resample.resample_mask_to`); warnings for lesions lost
-    or kept only as one voxel, and when lesions merged (fewer after than before, beyond those lost).
+    linearly with -1024 HU outside its field of view. When it covers less than
+    :data:`MIN_CT_COVERAGE` of the PET's activity (:func:`ct_activity_coverage`) the case fails with
+    a ``ConversionError`` naming ``ct_name`` and the coverage, unless ``options.allow_partial_ct``
+    (then a warning, as below :data:`WARN_CT_COVERAGE`). Label: resampled per label as a fraction
+    map thresholded at 0.5 (:func:`resample_mask_to`). ``structures``: the selected ROIs / segments
+    of the label with their accounting so far (:mod:`~nnunetv2_l1dfl.conversion.masks`); without
+    them each label value is one structure. Each is followed onto the PET grid and
+    :func:`~nnunetv2_l1dfl.conversion.masks.check_structures` fails the case (``MaskError``, naming
+    the file and ROI / segment) when one ends empty or loses a lesion, unless
+    ``options.allow_lesion_loss``; rescued and merged lesions are warnings.
     Returns (ct float32, label uint8, warnings).
     """
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
+    from nnunetv2_l1dfl.conversion.masks import (
+        MaskOptions,
+        check_structures,
+        labels_from_image,
+        place_structures,
+    )
+
+    options = options or MaskOptions()
     warnings = []
     if geometry_mismatch(ct, pet, atol=1e-2) is None:
         ct_on_pet = snap_to_grid(ct, pet, "CT", case_id)
     else:
-        coverage = ct_coverage_fraction(ct, pet)
-        if coverage < MIN_CT_COVERAGE:
-            warnings.append(
-                f"CT not covering PET: the CT covers {100 * coverage:.1f}% of the PET field of view "
-                "(filled with -1024 HU outside)"
+        coverage = ct_activity_coverage(ct, pet)
+        fov = ct_coverage_fraction(ct, pet)
+        message = (
+            f"{ct_name} covers {100 * coverage:.1f}% of the PET activity ({100 * fov:.1f}% of the PET field of "
+            f"view; filled with -1024 HU outside)"
+        )
+        if coverage < MIN_CT_COVERAGE and not options.allow_partial_ct:
+            raise ConversionError(
+                f"case {case_id}: CT not covering PET: {message}; at least {100 * MIN_CT_COVERAGE:.0f}% is required "
+                "(--allow-partial-ct converts it anyway with a recorded warning)"
             )
+        if coverage < WARN_CT_COVERAGE:
+            accepted = " (--allow-partial-ct)" if coverage < MIN_CT_COVERAGE else ""
+            warnings.append(f"CT not covering PET{accepted}: {message}")
         ct_on_pet = resample_ct_to(ct, pet)
+    if structures is None:
+        placed = labels_from_image(label, label_name, options)
+        label, structures = placed.label, placed.structures
     if geometry_mismatch(label, pet, atol=1e-2) is None:
         label = snap_to_grid(label, pet, "label", case_id)
-    label_on_pet, report = resample_mask_to(label, pet)
-    if report.lost_lesions:
-        warnings.append(
-            f"lesion lost in resampling: {report.lost_lesions} of {report.lesions_before} lesions have no voxel on the PET grid"
-        )
+    source_grid = label
+    label_on_pet, report = resample_mask_to(label, pet, log_messages=False)
+    place_structures(structures, source_grid, label_on_pet, "PET")
     if report.rescued_lesions:
         warnings.append(
             f"{report.rescued_lesions} lesion(s) smaller than a PET voxel kept as a single voxel on the PET grid"
@@ -396,5 +470,12 @@ def place_on_pet_grid(
             f"lesions merged in resampling: {report.lesions_before} lesions before, {report.lesions_after} after "
             f"on the PET grid ({report.merged_lesions} merged with a neighbour, {report.lost_lesions} lost)"
         )
-    return ct_on_pet, label_on_pet, warnings
+    if report.lost_lesions and not any(s.lost for s in structures):  # the structures name the loss otherwise
+        loss = f"{report.lost_lesions} of {report.lesions_before} lesions have no voxel on the PET grid"
+        if not options.allow_lesion_loss:
+            from nnunetv2_l1dfl.conversion.masks import LOSS_HINT, MaskError
 
+            raise MaskError(f"case {case_id}: lesion lost in resampling: {loss} {LOSS_HINT}")
+        warnings.append(f"lesion loss accepted (--allow-lesion-loss): lesion lost in resampling: {loss}")
+    warnings.extend(check_structures(structures, options.allow_lesion_loss))
+    return ct_on_pet, label_on_pet, list(dict.fromkeys(warnings))
