@@ -297,3 +297,18 @@ def test_a_truncated_slice_without_an_intact_copy_makes_its_series_incomplete(tm
     assert [p for p, _ in skipped] == [pet[4]] and len(series.files) == 4
     assert series.problem.startswith(f"{pet[4]}: truncated: pixel data (7FE0,0010) needs")
     assert series.problem.endswith("the series has 4 readable files and 1 damaged one(s) without an intact copy, so it is incomplete")
+
+
+def test_an_unreadable_dicom_file_beside_one_series_makes_it_incomplete(tmp_path):
+    """A slice whose header is garbled (still marked 'DICM') cannot name its series; its folder can."""
+    pet = write_pet_series(tmp_path / "pet", np.ones((4, 8, 8)) * 100)
+    pet[3].write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage" * 4)
+    (tmp_path / "pet" / "notes.txt").write_text("not DICOM, no marker: no effect")
+    write_ct_series(tmp_path / "ct", np.zeros((3, 4, 4)))
+    (tmp_path / "ct" / "junk.bin").write_bytes(b"\x00" * 200)
+    series, skipped = discover_series(tmp_path)
+    assert sorted(p.name for p, _ in skipped) == ["junk.bin", "notes.txt", "pet_003.dcm"]
+    by_modality = {s.modality: s for s in series}
+    assert by_modality["PT"].problem.startswith(f"{pet[3]}: not readable as DICOM")
+    assert "so it is incomplete" in by_modality["PT"].problem
+    assert by_modality["CT"].problem == ""

@@ -295,6 +295,15 @@ def _truncation_problem(ds: pydicom.Dataset, path: Path) -> str:
     return ""
 
 
+def _has_dicm_marker(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSeries], list[tuple[Path, str]]]:
     """Group every DICOM file under ``root`` (any nesting, symlinks not followed) into series.
 
@@ -305,7 +314,8 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
     seen in the series (the first path in sorted order is kept). Files without the 128-byte preamble
     are read (:func:`read_dicom`). A series whose files disagree on modality, patient, study or frame
     of reference keeps all its files and carries the reason in ``problem`` (never silently split);
-    so does a series with a truncated file that has no intact copy (it would be a slice short).
+    so does a series with a truncated file that has no intact copy (it would be a slice short), or
+    with an unparsable file marked DICOM in a folder holding only that series' files.
     """
     from tqdm import tqdm
 
@@ -318,6 +328,7 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
     skipped: list[tuple[Path, str]] = []
     headers: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
     damaged: dict[str, list[tuple[Path, str, str]]] = {}  # series UID -> (file, problem, SOPInstanceUID)
+    unreadable: list[tuple[Path, str]] = []  # files marked DICOM ('DICM' at byte 128) that do not parse
     for path in tqdm(paths, desc="reading DICOM headers", unit="file", disable=not progress):
         # pydicom warns about malformed values; a file that gets skipped carries the first warning.
         with warnings.catch_warnings(record=True) as caught:
@@ -327,11 +338,15 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
                 ds = read_dicom(path, defer_size=DEFER_BYTES)
                 problem = _truncation_problem(ds, path)
                 uid = _text(ds, "SeriesInstanceUID")
-            except DicomSeriesError as e:
-                skipped.append((path, str(e).removeprefix(f"{path}: ")))
-                continue
             except Exception as e:  # pydicom raises many types on corrupt input; each is a skip reason
-                skipped.append((path, f"not readable as DICOM: {type(e).__name__}: {e}"))
+                reason = (
+                    str(e).removeprefix(f"{path}: ")
+                    if isinstance(e, DicomSeriesError)
+                    else f"not readable as DICOM: {type(e).__name__}: {e}"
+                )
+                skipped.append((path, reason))
+                if _has_dicm_marker(path):
+                    unreadable.append((path, reason))
                 continue
         if not problem and not uid:
             problem = "no SeriesInstanceUID (0020,000E) (not an image/RTSTRUCT/SEG instance)"
@@ -340,22 +355,38 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
             skipped.append((path, problem + note))
             if uid:  # its series is a file short, unless an intact copy of the instance exists
                 damaged.setdefault(uid, []).append((path, problem, _text(ds, "SOPInstanceUID")))
+            elif not problem.startswith("no SeriesInstanceUID") and _has_dicm_marker(path):
+                unreadable.append((path, problem))
             continue
         for warning in caught:
             logger.debug("%s: %s", path, warning.message)
         headers.setdefault(uid, []).append((path, ds))
 
-    series: list[DicomSeries] = []
+    unique: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    seen_sops: dict[str, dict[str, Path]] = {}
     for uid, all_members in headers.items():
-        seen: dict[str, Path] = {}
-        members: list[tuple[Path, pydicom.Dataset]] = []
+        seen = seen_sops.setdefault(uid, {})
         for path, ds in all_members:
             sop = _text(ds, "SOPInstanceUID")
             if sop and sop in seen:
                 skipped.append((path, f"duplicate SOPInstanceUID (0008,0018) {sop} of {seen[sop]}"))
                 continue
             seen[sop] = path
-            members.append((path, ds))
+            unique.setdefault(uid, []).append((path, ds))
+    # A DICOM file that does not parse, in a folder whose other files are all of one series, is most
+    # likely a lost file of that series.
+    series_in_folder: dict[Path, set[str]] = {}
+    for uid, members in unique.items():
+        for path, _ in members:
+            series_in_folder.setdefault(path.parent, set()).add(uid)
+    for path, reason in unreadable:
+        uids = series_in_folder.get(path.parent, set())
+        if len(uids) == 1:
+            damaged.setdefault(next(iter(uids)), []).append((path, reason, ""))
+
+    series: list[DicomSeries] = []
+    for uid, members in unique.items():
+        seen = seen_sops[uid]
         problem = _series_problem(uid, members) or _sop_class_problem(members)
         lost = [(path, why) for path, why, sop in damaged.get(uid, []) if not sop or sop not in seen]
         if lost and not problem:
