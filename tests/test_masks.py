@@ -369,3 +369,64 @@ def test_nifti_mask_threshold_only_when_asked(tmp_path, pet_grid):
     assert "thresholded at 0.5" in check_structures(result.structures)[0]
     with pytest.raises(MaskError, match="positive"):
         MaskOptions(mask_threshold=0.0)
+
+
+# ---- l1dfl mask ---------------------------------------------------------------------------------
+
+
+def test_mask_command_rtstruct_seg_and_nifti_onto_a_reference(tmp_path, pet_grid, capsys):
+    from nnunetv2_l1dfl.cli import main
+
+    files, reference = pet_grid
+    lesion, small, _ = _shapes()
+    rs = write_rtstruct(tmp_path / "rs.dcm", files, {"Lesion 1": lesion, "lesion 2": small})
+    out = tmp_path / "out" / "rs.nii.gz"
+    assert main(["mask", str(rs), "--reference", str(tmp_path / "pet"), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), (lesion | small).astype(np.uint8))
+    assert sitk.ReadImage(str(out)).GetOrigin() == pytest.approx(reference.GetOrigin())
+    ml = int(lesion.sum()) * 2.0 * 2.5 * 3.0 / 1000
+    assert f"ROI 'Lesion 1' -> label 1: drawn: {int(lesion.sum())} voxels, {ml:.3f} ml, 1 lesion(s); reference: " in printed
+    assert "ROI 'lesion 2' -> label 1: drawn: 5 voxels" in printed and f"wrote {out}: {int((lesion | small).sum())}" in printed
+    assert sorted(p.name for p in out.parent.iterdir()) == ["rs.nii.gz"]  # no temporary file left
+
+    # The same SEG onto a NIfTI reference, and a fractional NIfTI mask onto the DICOM folder.
+    seg = write_seg(tmp_path / "seg.dcm", files, {"lesion": lesion})
+    sitk.WriteImage(reference, str(tmp_path / "reference.nii.gz"))
+    assert main(["mask", str(seg), "--reference", str(tmp_path / "reference.nii.gz"), "-o", str(tmp_path / "s.nii.gz")]) == 0
+    assert "segment '1 lesion' -> label 1" in capsys.readouterr().out
+    soft = sitk.GetImageFromArray(np.where(lesion, 0.7, 0.0).astype(np.float32))
+    soft.CopyInformation(reference)
+    sitk.WriteImage(soft, str(tmp_path / "soft.nii.gz"))
+    assert main(["mask", str(tmp_path / "soft.nii.gz"), "--reference", str(tmp_path / "pet"), "-o", str(tmp_path / "t.nii.gz")]) == 2
+    assert "mask values are not integers (0.7" in capsys.readouterr().err and not (tmp_path / "t.nii.gz").exists()
+    assert main(["mask", str(tmp_path / "soft.nii.gz"), "--reference", str(tmp_path / "pet"), "-o", str(tmp_path / "t.nii.gz"),
+                 "--mask-threshold", "0.5"]) == 0  # fmt: skip
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "t.nii.gz"))), lesion.astype(np.uint8))
+
+
+def test_mask_command_lesion_loss_and_bad_input_write_nothing(tmp_path, pet_grid, capsys):
+    from nnunetv2_l1dfl.cli import main
+
+    files, _ = pet_grid
+    path = _mutated(tmp_path, files, _outside_z)
+    out = tmp_path / "out" / "m.nii.gz"
+    assert main(["mask", str(path), "--reference", str(tmp_path / "pet"), "-o", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "  LOST: 1 lesion drawn entirely outside the reference image" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: lesion loss: ") and err[0].endswith("nothing written")
+    assert not out.parent.exists()
+    assert main(["mask", str(path), "--reference", str(tmp_path / "pet"), "-o", str(out), "--allow-lesion-loss"]) == 0
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["m.nii.gz"]
+
+    for argv, message in [
+        ([str(tmp_path / "none.dcm"), "--reference", str(tmp_path / "pet"), "-o", str(out)], "mask file not found"),
+        ([str(path), "--reference", str(tmp_path / "out"), "-o", str(out)], "holds 0 PET/CT series"),
+        ([str(path), "--reference", str(tmp_path / "pet"), "-o", str(tmp_path)], "must be an image file"),
+        ([str(files[0]), "--reference", str(tmp_path / "pet"), "-o", str(tmp_path / "x.nii.gz")], "Modality (0008,0060) is 'PT'"),
+    ]:
+        assert main(["mask", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "x.nii.gz").exists()
