@@ -166,6 +166,16 @@ def test_bad_timezone_offset_is_refused_naming_the_tag(tmp_path):
         _read(tmp_path)
 
 
+def test_time_zone_that_differs_between_slices_is_refused(tmp_path):
+    # Before: the first slice's TimezoneOffsetFromUTC moved the injection time, whatever the others said.
+    files = write_pet_series(
+        tmp_path, _activity(), RadiopharmaceuticalStartDateTime="20240101090000+0000", omit=("RadiopharmaceuticalStartTime",),
+    )  # fmt: skip
+    _mutate(files, lambda ds, rp, k: setattr(ds, "TimezoneOffsetFromUTC", "+0200" if k == 0 else "+0100"))
+    with pytest.raises(SUVError, match=r"contradictory TimezoneOffsetFromUTC \(0008,0201\): '\+0200' in pet_000.dcm"):
+        _read(tmp_path)
+
+
 def test_ge_private_scan_start_in_utc_is_moved_to_the_local_time_zone(tmp_path):
     # SeriesTime after the acquisition (as in DRO_3_3-like GE headers), the GE scan start in UTC.
     write_pet_series(
@@ -343,6 +353,19 @@ def test_suv_command_refuses_a_series_with_a_truncated_slice(tmp_path, pet_dir, 
     errors = _error_lines(capsys)
     assert len(errors) == 1 and last.name in errors[0] and "truncated" in errors[0]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pet"]
+
+
+def test_a_discovered_series_with_a_problem_is_not_read(tmp_path, pet_dir):
+    # discover_series marks a series with a damaged slice incomplete; read_pet_suv (used by l1dfl suv
+    # and l1dfl predict) read the remaining files into a volume one slice short.
+    from nnunetv2_l1dfl.conversion.dicom_series import discover_series
+
+    last = sorted(pet_dir.iterdir())[-1]
+    last.write_bytes(last.read_bytes()[:-40])
+    (series,), _ = discover_series(pet_dir)
+    assert series.problem and len(series.files) == SHAPE[0] - 1
+    with pytest.raises(SUVError, match=rf"case_x: .*{last.name}: truncated"):
+        read_pet_suv(series, case_id="case_x")
 
 
 def test_suv_command_notes_other_skipped_files_and_converts(tmp_path, pet_dir, capsys):

@@ -104,6 +104,7 @@ TAGS = {
     "DoseCalibrationFactor": "(0054,1322)",
     "SliceThickness": "(0018,0050)",
     "DecayFactor": "(0054,1321)",
+    "TimezoneOffsetFromUTC": "(0008,0201)",
 }
 
 # Physical half-lives (s) of the radionuclides PET images are made with (NNDC / DDEP values).
@@ -463,7 +464,10 @@ class _Header:
             raise self.error(f"unreadable {what}: {text!r} ({e})") from None
         if offset is None:
             return clock, precision, ""
-        local_text = str((ds if ds is not None else self.first).get("TimezoneOffsetFromUTC", "") or "").strip()
+        if ds is None:  # a series-level time: every slice must state the same zone
+            local_text = self.text("TimezoneOffsetFromUTC")
+        else:
+            local_text = str(ds.get("TimezoneOffsetFromUTC", "") or "").strip()
         if not local_text:
             return clock, precision, f"utc-offset-taken-as-local({text.strip()[-5:]})"
         try:
@@ -578,6 +582,8 @@ def read_pet_suv(
     case = _case_name(series, files, case_id)
     if not files:
         raise SUVError(f"{case}: no files")
+    if isinstance(series, DicomSeries) and series.problem:  # e.g. a damaged slice: the volume would lack it
+        raise SUVError(f"{case}: {series.problem}")
     try:
         stack = load_slice_stack(files, what=case)
     except DicomSeriesError as e:
