@@ -18,6 +18,14 @@ the pairing: each of pet/ct/mask is a SeriesInstanceUID, a folder holding that o
 file (a DICOM file of the series, an RTSTRUCT/SEG file, or a NIfTI mask), relative paths resolved
 against the CSV's folder, then INPUT_DIR.
 
+Every PET series found ends as converted, already done, failed or skipped, with the reason, in
+``DatasetXXX/.l1dfl/dicom_series_report.csv`` and a console line. Failed before loading: a series
+whose files disagree (:attr:`DicomSeries.problem`), a PatientID shared by different patients, a CT or
+mask of another patient, a PET split over two SeriesInstanceUIDs, a PET without ATTN in
+CorrectedImage (``--allow-non-attenuation-corrected``), no CT, no or several masks, a blank manifest
+mask cell (``--allow-missing-mask``). Skipped: a non-attenuation-corrected PET beside its corrected
+twin, a PET the manifest does not name.
+
     python -m dataset_conversion.dicom_petct /data/dicom -d 501 -n InstitutionPSMA --pseudonymize
 """
 
