@@ -315,6 +315,51 @@ class Detection:
         return int(np.count_nonzero(self.pred_false_positive))
 
 
+def _hungarian_matches(pair_gt: np.ndarray, pair_pred: np.ndarray, pair_iou: np.ndarray):
+    """One-to-one matching among the given (valid) pairs that maximises the number of matches, then
+    their total IoU; yields ``(gt_labels, pred_labels)`` of the matched pairs, in batches.
+
+    Pairs below the IoU threshold never help, so only the valid pairs enter. The bipartite graph
+    they form splits into connected components that are matched independently (the optimum of the
+    whole is the union of the components' optima), so the dense assignment matrix is per component:
+    a prediction of 100 000 specks over thousands of GT lesions needs no (GT x prediction) matrix.
+    """
+    if len(pair_gt) == 0:
+        return
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    gt_ids, gt_rows = np.unique(pair_gt, return_inverse=True)
+    pred_ids, pred_cols = np.unique(pair_pred, return_inverse=True)
+    n_g = len(gt_ids)
+    graph = coo_matrix(
+        (np.ones(len(pair_gt)), (gt_rows, n_g + pred_cols)), shape=(n_g + len(pred_ids), n_g + len(pred_ids))
+    )
+    _, component_of_node = connected_components(graph, directed=False)
+    component = component_of_node[gt_rows]  # of each pair
+    # Components with a single pair are that pair's match: no assignment to solve.
+    pairs_per_component = np.bincount(component)
+    single = pairs_per_component[component] == 1
+    yield gt_ids[gt_rows[single]], pred_ids[pred_cols[single]]
+    rest = np.flatnonzero(~single)
+    rest = rest[np.argsort(component[rest], kind="stable")]
+    bounds = np.flatnonzero(np.diff(component[rest])) + 1
+    for members in np.split(rest, bounds):
+        if len(members) == 0:
+            continue
+        rows_g, local_rows = np.unique(gt_rows[members], return_inverse=True)
+        cols_p, local_cols = np.unique(pred_cols[members], return_inverse=True)
+        # Maximising total IoU alone can trade two matches for one high-IoU match. Scoring every
+        # pair as a bonus larger than any possible IoU sum maximises the number of matches first
+        # and their total IoU second; absent pairs score 0 (never chosen as a match).
+        bonus = float(min(len(rows_g), len(cols_p)) + 1)
+        weights = np.zeros((len(rows_g), len(cols_p)))
+        weights[local_rows, local_cols] = bonus + pair_iou[members]
+        rows, cols = linear_sum_assignment(weights, maximize=True)
+        good = weights[rows, cols] > 0
+        yield gt_ids[rows_g[rows[good]]], pred_ids[cols_p[cols[good]]]
+
+
 def detect_lesions(
     table: OverlapTable,
     criterion: str = "suvmax",
@@ -368,21 +413,10 @@ def detect_lesions(
             raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
         gt_detected = np.zeros(n_gt, dtype=bool)
         pred_matched = np.zeros(n_pred, dtype=bool)
-        if len(iou):
-            gt_ids, gt_rows = np.unique(table.pair_gt, return_inverse=True)
-            pred_ids, pred_cols = np.unique(table.pair_pred, return_inverse=True)
-            valid = iou >= iou_threshold
-            # Maximising total IoU over all pairs can trade two above-threshold matches for one
-            # high-IoU match plus one below threshold. Scoring every valid pair as a bonus larger
-            # than any possible IoU sum makes the assignment maximise the number of valid matches
-            # first and their total IoU second; pairs below the threshold score 0 (never useful).
-            bonus = float(min(len(gt_ids), len(pred_ids)) + 1)
-            weights = np.zeros((len(gt_ids), len(pred_ids)))
-            weights[gt_rows[valid], pred_cols[valid]] = bonus + iou[valid]
-            rows, cols = linear_sum_assignment(weights, maximize=True)
-            good = weights[rows, cols] > 0
-            gt_detected[gt_ids[rows[good]] - 1] = True
-            pred_matched[pred_ids[cols[good]] - 1] = True
+        valid = iou >= iou_threshold
+        for gt_ids, pred_ids in _hungarian_matches(table.pair_gt[valid], table.pair_pred[valid], iou[valid]):
+            gt_detected[gt_ids - 1] = True
+            pred_matched[pred_ids - 1] = True
         return Detection(criterion, gt_detected, ~pred_matched)
 
     # lymphoma_crit3: best GT per predicted component (highest IoU, then lowest GT label)
