@@ -49,7 +49,7 @@ setup(
         "numba>=0.58",
         "pydicom>=2.4",
         "nibabel>=5.0",
-        "highdicom>=0.22",
+        "highdicom>=0.24",
         "scikit-image>=0.19",
         "connected-components-3d>=3.12",
         "scipy>=1.10",

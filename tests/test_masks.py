@@ -430,3 +430,61 @@ def test_mask_command_lesion_loss_and_bad_input_write_nothing(tmp_path, pet_grid
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+# ---- through the DICOM converter ------------------------------------------------------------------
+
+
+def _dicom_study(root: Path, mask_writer) -> np.ndarray:
+    """A PET (Bq/ml, SUV tags of the factory), a CT on the PET grid and a mask written by ``mask_writer``."""
+    import _conversion_helpers as h
+    from _dicom_factories import write_ct_series
+    from pydicom.uid import generate_uid
+
+    common = dict(study_uid=generate_uid(), frame_of_reference_uid=generate_uid())
+    bqml_per_suv = 3.5e8 * 2.0 ** (-3600.0 / 6586.2) / 75e3
+    pet = write_pet_series(root / "pet", h.pet_suv_volume() * bqml_per_suv, h.PET_SPACING, h.PET_ORIGIN, **common)
+    write_ct_series(root / "ct", h.ct_volume(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN), h.PET_SPACING, h.PET_ORIGIN,
+                    **common)  # fmt: skip
+    lesions = h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN).astype(bool)
+    mask_writer(root, pet, lesions)
+    return lesions
+
+
+def _metadata_rows(dataset: Path) -> dict[str, dict[str, str]]:
+    import csv
+
+    with (dataset / "case_metadata.csv").open(newline="") as f:
+        return {row["case_id"]: row for row in csv.DictReader(f)}
+
+
+def test_dicom_converter_labelmap_seg_and_lost_rtstruct_roi(tmp_path, capsys):
+    from nnunetv2_l1dfl.cli import main
+
+    def labelmap(root, pet, lesions):
+        write_seg(root / "seg.dcm", pet, {"lesions": lesions}, segmentation_type="LABELMAP")
+
+    lesions = _dicom_study(tmp_path / "a", labelmap)
+    raw = tmp_path / "raw"
+    convert = ["convert", "dicom", "-n", "M", "-o", str(raw), "--no-progress"]
+    assert main([*convert[:2], str(tmp_path / "a"), "-d", "521", *convert[2:]]) == 0, capsys.readouterr().err
+    labels = sorted((raw / "Dataset521_M" / "labelsTr").iterdir())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(labels[0]))), lesions.astype(np.uint8))
+
+    def with_open_planar(root, pet, lesions):
+        second = np.zeros_like(lesions)
+        second[2, 2:4, 2:4] = True
+        path = write_rtstruct(root / "rs.dcm", pet, {"lesion A": lesions, "lesion B": second})
+        ds = pydicom.dcmread(path)
+        for contour in _contours_of(ds, "lesion B").ContourSequence:
+            contour.ContourGeometricType = "OPEN_PLANAR"
+        ds.save_as(path)
+
+    _dicom_study(tmp_path / "b", with_open_planar)
+    assert main([*convert[:2], str(tmp_path / "b"), "-d", "522", *convert[2:]]) == 1
+    assert re.search(r"FAILED \S+: lesion loss: \S+rs.dcm: ROI 'lesion B': 1 contour OPEN_PLANAR .*cannot be rasterized",
+                     capsys.readouterr().err)  # fmt: skip
+    assert main([*convert[:2], str(tmp_path / "b"), "-d", "523", *convert[2:], "--allow-lesion-loss"]) == 0
+    (row,) = _metadata_rows(raw / "Dataset523_M").values()
+    assert "lesion loss accepted (--allow-lesion-loss): " in row["warnings"] and "ROI 'lesion B'" in row["warnings"]
+    assert row["n_lesions"] == "2"

@@ -160,7 +160,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "mask",
         help="rasterize an RTSTRUCT, DICOM SEG or NIfTI mask onto a reference exactly as 'l1dfl convert' does, "
         "and show what became of every ROI / segment",
-        description=(__doc__ or "").strip().split("\n\n")[1].replace("\n", " "),
+        description=(
+            "Read an RTSTRUCT, DICOM SEG or NIfTI mask onto a reference (a folder holding one PET or CT DICOM "
+            "series, or a NIfTI image) with the same functions 'l1dfl convert' uses, print per ROI / segment / "
+            "label value the voxels, ml and lesions as drawn and on the reference, and anything lost, and write "
+            "the label map (atomically). Exit 0 written; 1 a lesion loss, nothing written unless "
+            "--allow-lesion-loss; 2 bad input. See docs/masks.md."
+        ),
     )
     parser.add_argument("mask", type=Path, help="RTSTRUCT or SEG file, or a NIfTI / MHA / NRRD label image")
     parser.add_argument(
