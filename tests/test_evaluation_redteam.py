@@ -178,3 +178,243 @@ def test_iou_criterion_on_216000_specks_over_8000_lesions_fits_in_3_gb():
     assert done.returncode == 0, done.stderr[-2000:]
     # IoU of a speck with its cube is 1/125 < 0.1: no match; every cube FN, every speck FP
     assert done.stdout.split() == ["8000", "0", str(60**3), "8000"]
+
+
+# ----------------------------------------------------------------------------- end to end vs an oracle
+
+_SHAPE = (6, 12, 14)
+_SPACING = (2.5, 1.0, 1.5)  # anisotropic, (z, y, x) mm
+
+
+def _scene() -> dict:
+    """Six hand-built cases and two trainers, every edge of Table 1 and the biomarkers:
+    c0 one lesion, A covers it except its SUVmax voxel, B exact; c1 two lesions, A splits the first
+    in two and misses the second, B merges both with a bridge; c2 no GT, A a one-voxel FP, B empty;
+    c3 one lesion, A empty, B larger; c4 three lesions, both partial, A with an FP; c5 no GT, both
+    empty (DSC NaN); c6 a lesion touching the image border, both exact but B one voxel short."""
+    rng = np.random.default_rng(7)
+    cases = {}
+
+    def new():
+        return np.zeros(_SHAPE, np.uint8), np.zeros(_SHAPE, np.uint8), np.zeros(_SHAPE, np.uint8)
+
+    gt, a, b = new()
+    gt[1:4, 2:6, 2:6] = 1
+    a[1:4, 2:6, 2:6] = 1
+    b[1:4, 2:6, 2:6] = 1
+    cases["c0"] = [gt, a, b, (2, 3, 4)]  # hot voxel, removed from A below
+    gt, a, b = new()
+    gt[1:3, 1:4, 1:7] = 1
+    gt[1:3, 1:4, 9:12] = 1
+    a[1:3, 1:4, 1:3] = 1
+    a[1:3, 1:4, 5:7] = 1
+    b[1:3, 1:4, 1:12] = 1
+    cases["c1"] = [gt, a, b, (1, 2, 5)]
+    gt, a, b = new()
+    a[4, 8, 8] = 1
+    cases["c2"] = [gt, a, b, None]
+    gt, a, b = new()
+    gt[2:4, 5:8, 5:8] = 1
+    b[1:5, 4:9, 4:9] = 1
+    cases["c3"] = [gt, a, b, (3, 6, 6)]
+    gt, a, b = new()
+    gt[0:2, 0:3, 0:3] = 1
+    gt[3:5, 6:9, 1:4] = 1
+    gt[4:6, 9:12, 10:14] = 1
+    a[0:2, 0:3, 0:2] = 1
+    a[3:5, 6:8, 1:4] = 1
+    a[0, 11, 0] = 1
+    b[0:2, 0:2, 0:3] = 1
+    b[4:6, 9:12, 11:14] = 1
+    cases["c4"] = [gt, a, b, (4, 10, 12)]
+    gt, a, b = new()
+    cases["c5"] = [gt, a, b, None]
+    gt, a, b = new()
+    gt[0:3, 0:5, 10:14] = 1
+    a[0:3, 0:5, 10:14] = 1
+    b[0:3, 0:5, 10:14] = 1
+    b[0, 0, 13] = 0
+    cases["c6"] = [gt, a, b, (0, 0, 13)]
+    scene = {}
+    for case_id, (gt, a, b, hot) in cases.items():
+        pet = rng.uniform(0.5, 3.0, _SHAPE).astype(np.float32)
+        pet[gt > 0] += 4.0
+        if hot is not None:
+            pet[hot] = 20.0
+            if case_id == "c0":
+                a[hot] = 0
+        scene[case_id] = {"gt": gt, "pet": pet, "A": a, "B": b}
+    return scene
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """18-connected components with scipy.ndimage (independent of cc3d)."""
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(3, 2)
+    labels, n = ndimage.label(mask, structure=structure)
+    return labels, int(n)
+
+
+def _oracle_case(gt: np.ndarray, pet: np.ndarray, pred: np.ndarray, definition: str) -> tuple[dict, list]:
+    """Every cases.csv number and the lesion-DSC units of one prediction, by float64 loops."""
+    vv = float(np.prod(_SPACING)) / 1000
+    g_lab, n_g = _components(gt > 0)
+    p_lab, n_p = _components(pred > 0)
+    gvox = [[tuple(v) for v in np.argwhere(g_lab == i)] for i in range(1, n_g + 1)]
+    pvox = [set(tuple(v) for v in np.argwhere(p_lab == j)) for j in range(1, n_p + 1)]
+    pred_set = set().union(*pvox) if pvox else set()
+    gt_set = set(tuple(v) for v in np.argwhere(gt > 0))
+    inter = len(gt_set & pred_set)
+    dice = float("nan") if not gt_set and not pred_set else 2 * inter / (len(gt_set) + len(pred_set))
+    detected = []
+    for voxels in gvox:
+        best = None
+        for v in voxels:  # argwhere is array order: the first maximum wins
+            if best is None or float(pet[v]) > float(pet[best]):
+                best = v
+        detected.append(best in pred_set)
+    tp = sum(detected)
+    fn = n_g - tp
+    fp = sum(1 for p in pvox if not (p & gt_set))
+    f1 = float("nan") if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    fpv = sum(len(p) for p in pvox if not (p & gt_set)) * vv
+    fnv = sum(len(g) for g in gvox if not (set(g) & pred_set)) * vv
+
+    def patient(voxel_set):
+        values = [float(pet[v]) for v in sorted(voxel_set)]
+        pts = [np.multiply(v, _SPACING) for v in sorted(voxel_set)]
+        dmax = max((math.dist(p, q) for p in pts for q in pts), default=float("nan"))
+        return {
+            "tmtv": len(values) * vv,
+            "tla": sum(values) * vv,
+            "suv_max": max(values) if values else float("nan"),
+            "suv_mean": sum(values) / len(values) if values else float("nan"),
+            "dmax": dmax,
+        }
+
+    pg, pp = patient(gt_set), patient(pred_set)
+    row = {"dice": dice, "tp": tp, "fp": fp, "fn": fn, "f1": f1, "fpv_ml": fpv, "fnv_ml": fnv,
+           "tmtv_gt_ml": pg["tmtv"], "tmtv_pred_ml": pp["tmtv"], "tla_gt": pg["tla"], "tla_pred": pp["tla"],
+           "suv_max_gt": pg["suv_max"], "suv_max_pred": pp["suv_max"], "suv_mean_gt": pg["suv_mean"],
+           "suv_mean_pred": pp["suv_mean"], "n_lesions_gt": n_g, "n_lesions_pred": n_p, "dmax_mm": pg["dmax"],
+           "dmax_pred_mm": pp["dmax"]}  # fmt: skip
+    units = []
+    for i, voxels in enumerate(gvox):
+        g = set(voxels)
+        overlapping = [j for j, p in enumerate(pvox) if p & g]
+        if definition == "paper":
+            units += [2 * len(g & pvox[j]) / (len(g) + len(pvox[j])) for j in overlapping] or [0.0]
+        else:
+            union = set().union(*(pvox[j] for j in overlapping)) if overlapping else set()
+            units.append(2 * len(g & union) / (len(g) + len(union)) if detected[i] and overlapping else 0.0)
+    return row, units
+
+
+def _finite(values) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64)
+    return x[np.isfinite(x)]
+
+
+@pytest.mark.parametrize("definition", ["paper", "criterion"])
+def test_compare_end_to_end_equals_a_float64_loop_oracle(tmp_path, capsys, definition):
+    """A complete ``l1dfl compare --pred`` run on the hand-built scene: every number of cases.csv,
+    the lesion-DSC units, Table 1, the Wilcoxon family (Bonferroni factor 5 = 1 trainer x 5 metrics,
+    as report.md says), the agreement statistics and the report's cells equal an independent
+    computation (scipy.ndimage components, set arithmetic, brute-force Dmax, scipy tests)."""
+    import csv
+    import json
+
+    from _evaluation_helpers import write_image
+    from scipy.stats import wilcoxon
+
+    from nnunetv2_l1dfl.cli import main
+
+    scene = _scene()
+    for case_id, c in scene.items():
+        write_image(tmp_path / "gt" / f"{case_id}.nii.gz", c["gt"], spacing=_SPACING)
+        write_image(tmp_path / "pet" / f"{case_id}_0001.nii.gz", c["pet"], spacing=_SPACING)
+        for t in ("A", "B"):
+            write_image(tmp_path / t / f"{case_id}.nii.gz", c[t], spacing=_SPACING)
+    out = tmp_path / "out"
+    code = main(["compare", "--pred", f"A={tmp_path / 'A'}", "--pred", f"B={tmp_path / 'B'}", "--gt",
+                 str(tmp_path / "gt"), "--pet", str(tmp_path / "pet"), "-o", str(out), "--no-plots", "-np", "1",
+                 "--lesion-dsc", definition])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    summary = json.loads((out / "summary.json").read_text())
+    with open(out / "cases.csv", newline="") as f:
+        rows = {(r["case_id"], r["trainer"]): r for r in csv.DictReader(f)}
+    with open(out / "lesions.csv", newline="") as f:
+        lesion_rows = list(csv.DictReader(f))
+
+    oracle = {}
+    for case_id, c in scene.items():
+        for t in ("A", "B"):
+            oracle[(case_id, t)] = _oracle_case(c["gt"], c["pet"].astype(np.float64), c[t], definition)
+    for key, (expected, units) in oracle.items():
+        row = rows[key]
+        for column, value in expected.items():
+            assert float(row[column]) == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (key, column)
+        got = sorted(float(r["dice"]) for r in lesion_rows if (r["case_id"], r["trainer"]) == key)
+        assert got == pytest.approx(sorted(units)), key
+    # the split / merge / SUVmax-miss cases differ between the definitions exactly as documented
+    c0_a = [float(r["dice"]) for r in lesion_rows if r["case_id"] == "c0" and r["trainer"] == "A"]
+    assert c0_a == ([pytest.approx(2 * 47 / 95)] if definition == "paper" else [0.0])
+    assert len([r for r in lesion_rows if r["case_id"] == "c1" and r["trainer"] == "A"]) == (
+        3 if definition == "paper" else 2
+    )
+
+    cases = sorted(scene)
+    column = {t: {m: np.array([oracle[(c, t)][0][m] for c in cases]) for m in oracle[("c0", t)][0]} for t in "AB"}
+    # Table 1
+    for row in summary["table1"]["all"]:
+        t = row["trainer"]
+        for metric in ("dice", "tp", "fp", "fn", "f1"):
+            values = _finite(column[t][metric])
+            assert row[metric]["n"] == len(values)
+            assert row[metric]["mean"] == pytest.approx(values.mean())
+            assert row[metric]["sd"] == pytest.approx(values.std(ddof=1))
+            assert row[metric]["median"] == pytest.approx(np.median(values))
+    # statistics: 5 tests, each p x 5
+    statistics = {r["metric"]: r for r in summary["statistics"]}
+    assert sorted(statistics) == sorted(["dice", "f1", "fp", "fpv_ml", "fnv_ml"])
+    directions = {"dice": "greater", "f1": "greater", "fp": "less", "fpv_ml": "less", "fnv_ml": "less"}
+    for metric, r in statistics.items():
+        x, y = column["B"][metric], column["A"][metric]
+        keep = np.isfinite(x) & np.isfinite(y)
+        d = x[keep] - y[keep]
+        p = 1.0 if not np.any(d != 0) else wilcoxon(x[keep], y[keep], alternative=directions[metric]).pvalue
+        assert r["family_size"] == 5 and r["n_pairs"] == keep.sum()
+        assert r["p_value"] == pytest.approx(p) and r["p_bonferroni"] == pytest.approx(min(1.0, 5 * p))
+    report = (out / "report.md").read_text()
+    assert "Bonferroni over a family of 5 tests (1 trainer(s) x 5 metrics)" in report
+    # agreement: CCC and Bland-Altman by hand, per biomarker and trainer
+    pairs = {"suv_max": ("suv_max_gt", "suv_max_pred"), "suv_mean": ("suv_mean_gt", "suv_mean_pred"),
+             "tla": ("tla_gt", "tla_pred"), "tmtv": ("tmtv_gt_ml", "tmtv_pred_ml"),
+             "lesion_count": ("n_lesions_gt", "n_lesions_pred"), "dmax": ("dmax_mm", "dmax_pred_mm")}  # fmt: skip
+    for biomarker, (gcol, pcol) in pairs.items():
+        for t in "AB":
+            x, y = column[t][gcol], column[t][pcol]
+            keep = np.isfinite(x) & np.isfinite(y)
+            x, y = x[keep], y[keep]
+            a = summary["agreement"]["biomarkers"][biomarker]["trainers"][t]
+            assert a["n"] == len(x) and a["n_excluded_no_gt"] == int(np.sum(~np.isfinite(column[t][gcol])))
+            ccc = 2 * np.mean((x - x.mean()) * (y - y.mean())) / (x.var() + y.var() + (x.mean() - y.mean()) ** 2)
+            assert a["ccc"]["ccc"] == pytest.approx(ccc), (biomarker, t)
+            d = y - x
+            assert a["bland_altman"]["bias"] == pytest.approx(d.mean())
+            assert a["bland_altman"]["loa_high"] == pytest.approx(d.mean() + 1.96 * d.std(ddof=1))
+            assert a["delta"] == pytest.approx(0.2 * abs(x.mean()))
+            # the report's row carries the same numbers
+            ba = a["bland_altman"]
+            cell = f"{a['ccc']['ccc']:.3f}"
+            assert any(line.startswith(f"| {t} | {a['n']} (") and cell in line and f"{ba['bias']:.3f} [" in line
+                       for line in report.splitlines()), (biomarker, t)  # fmt: skip
+    # absolute-error tests: 1 trainer x 6 biomarkers
+    assert {r["family_size"] for r in summary["agreement"]["absolute_error_tests"]} == {6}
+    # Table 1 cells in report.md equal summary.json's
+    for row in summary["table1"]["all"]:
+        mean, sd, n_nan = row["dice"]["mean"], row["dice"]["sd"], row["dice"]["n_nan"]
+        assert n_nan == {"A": 1, "B": 2}[row["trainer"]]  # c5 for both; c2 for B (no GT, no prediction)
+        assert f"| {row['trainer']} | {row['n_cases']} | {mean:.2f} ± {sd:.2f} ({n_nan} NaN) |" in report
