@@ -251,26 +251,42 @@ def _run_converter(args: argparse.Namespace) -> int:
             return 2
 
 
-def _skipped_files_of_series(skipped: list, series_uid: str) -> tuple[list[tuple[Path, str]], list[str]]:
-    """Files ``discover_series`` skipped, split into those of the PET series (its SeriesInstanceUID,
-    or a DICOM file too broken to say: the volume would silently lack them) and notes for the rest
-    (other files in the folder, exact duplicates of an instance)."""
+def _skipped_files_of_series(skipped: list, series_uid: str, files: tuple) -> tuple[list[tuple[Path, str]], list[str]]:
+    """Files ``discover_series`` skipped, split into those that make the PET series wrong (a file of
+    the series without an intact copy, or a DICOM file too broken to say which series it is of: the
+    volume would silently lack them; a second copy of an instance whose content differs from the
+    copy kept: which one is right is unknown) and notes for the rest (other files, exact copies)."""
     import pydicom
 
+    def header(path: Path, **kwargs):
+        try:
+            return pydicom.dcmread(path, force=True, **kwargs)
+        except Exception:  # noqa: BLE001 - pydicom raises many types on a damaged file
+            return None
+
+    sops = {str(ds.get("SOPInstanceUID", "")) for p in files if (ds := header(p, specific_tags=["SOPInstanceUID"]))}
     unusable, notes = [], []
     for path, reason in skipped:
-        try:
-            uid = str(pydicom.dcmread(path, stop_before_pixels=True, force=True).get("SeriesInstanceUID", "")).strip()
-        except Exception:  # noqa: BLE001 - a file pydicom cannot parse: is it a DICOM file at all?
+        if reason.startswith("duplicate SOPInstanceUID"):
+            kept = Path(reason.rsplit(" of ", 1)[-1])
+            if kept.is_file() and kept.read_bytes() != Path(path).read_bytes() and header(path) != header(kept):
+                unusable.append((Path(path), f"{reason}, but the two copies differ (which one is right is not known)"))
+            else:
+                notes.append(f"skipped {path}: {reason}")
+            continue
+        ds = header(path, stop_before_pixels=True)
+        if ds is not None:
+            uid, sop = str(ds.get("SeriesInstanceUID", "")).strip(), str(ds.get("SOPInstanceUID", "")).strip()
+        else:
             try:
                 with open(path, "rb") as f:
-                    uid = series_uid if f.read(132)[128:132] == b"DICM" else ""
+                    uid, sop = (series_uid if f.read(132)[128:132] == b"DICM" else ""), ""
             except OSError:
-                uid = ""
-        if uid == series_uid and not reason.startswith("duplicate SOPInstanceUID"):
+                uid, sop = "", ""
+        if uid == series_uid and not (sop and sop in sops):
             unusable.append((Path(path), reason))
         else:
-            notes.append(f"skipped {path}: {reason}")
+            notes.append(f"skipped {path}: {reason}" + (" (an intact copy is used)" if uid == series_uid else ""))
     return unusable, notes
 
 
@@ -340,13 +356,13 @@ def suv_entry(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    unusable, notes = _skipped_files_of_series(skipped, pets[0].series_instance_uid)
+    unusable, notes = _skipped_files_of_series(skipped, pets[0].series_instance_uid, pets[0].files)
     if unusable:
         path, reason = unusable[0]
         print(
-            f"error: {path}: {reason}: a file of the PET series cannot be read"
+            f"error: {path}: {reason}: a file of the PET series cannot be used"
             + (f" ({len(unusable) - 1} more)" if len(unusable) > 1 else "")
-            + "; the SUV volume would lack its slices",
+            + "; the SUV volume would be wrong",
             file=sys.stderr,
         )
         return 1
