@@ -108,6 +108,24 @@ def test_pseudonym_key_is_private_stable_and_extends(tmp_path):
     assert "MRN" not in "".join(again.values())
 
 
+def test_pseudonym_key_save_that_fails_keeps_the_old_key(tmp_path, monkeypatch):
+    path = tmp_path / "key.csv"
+    key = PseudonymKey(path)
+    key.assign([CaseKey("MRN 42", "20240101", "study-1")])
+    key.save()
+    before = path.read_text()
+    key.assign([CaseKey("MRN 43", "20240101", "study-9")])
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device", str(dst))
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        key.save()
+    monkeypatch.undo()
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["key.csv"]
+
+
 def test_patient_splits_keep_patients_together_and_balance():
     case_patients = {f"c{i}": f"p{i % 7}" for i in range(20)}  # 7 patients, 2-3 studies each
     splits = make_patient_splits(case_patients, n_folds=5)

@@ -221,14 +221,24 @@ class PseudonymKey:
         raise KeyError(case_id)
 
     def save(self) -> None:
-        """Write the key atomically, readable by its owner only."""
+        """Write the key atomically (flushed to disk, then renamed), readable by its owner only. On
+        failure (a full disk) the temporary file is removed and the old key is left as it was."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(
-            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", newline="", encoding="utf-8"
-        ) as f:
-            writer = csv.DictWriter(f, fieldnames=self.COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+        try:
+            with open(
+                os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", newline="", encoding="utf-8"
+            ) as f:
+                writer = csv.DictWriter(f, fieldnames=self.COLUMNS)
+                writer.writeheader()
+                writer.writerows(self.rows)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
 
