@@ -423,8 +423,9 @@ def _plural(n: int, what: str) -> str:
 
 
 def _rasterize_roi(path: Path, structure: MaskStructure, contours: Sequence[pydicom.Dataset],
-                   reference: sitk.Image) -> np.ndarray:  # fmt: skip
-    """One ROI's voxels on the reference (z, y, x bool); records the ``drawn`` stage and the losses.
+                   reference: sitk.Image) -> tuple[tuple[slice, ...] | None, np.ndarray]:  # fmt: skip
+    """One ROI's voxels on the reference as (window of the reference (z, y, x slices) or None, the
+    bool voxels in it); records the ``drawn`` stage and the losses.
 
     The contours are rasterized on the reference lattice extended to hold all of them (clipped to
     the reference beyond :data:`MAX_EXTENDED_VOXELS`), so that what lies outside the reference is
@@ -483,7 +484,7 @@ def _rasterize_roi(path: Path, structure: MaskStructure, contours: Sequence[pydi
         structure.stages.append(Stage("drawn", 0, 0.0, 0))
         if not unusable:
             structure.lost.append("no contours (empty ContourSequence (3006,0040))")
-        return np.zeros(tuple(size[::-1]), dtype=bool)
+        return None, np.zeros((0, 0, 0), dtype=bool)
 
     points_all = np.concatenate([index for k in nearest.values() for index in planes[k]])
     lo = np.array([np.floor(points_all[:, 0].min()), np.floor(points_all[:, 1].min()), min(nearest)], dtype=np.int64)
@@ -520,16 +521,21 @@ def _rasterize_roi(path: Path, structure: MaskStructure, contours: Sequence[pydi
         )
     _record(structure, "drawn", box, reference, offset=lo)
 
-    # Crop the extended raster to the reference.
-    out = np.zeros(tuple(size[::-1]), dtype=bool)
-    a = np.maximum(lo, 0)
-    b = np.minimum(hi, size)
-    if np.all(b > a):
-        src = tuple(slice(int(a[d] - lo[d]), int(b[d] - lo[d])) for d in (2, 1, 0))
-        out[tuple(slice(int(a[d]), int(b[d])) for d in (2, 1, 0))] = box[src]
-    outside = int(box.sum() - out.sum())
+    # Crop the extended raster to the reference (kept as a window: one full-size array per ROI would
+    # not fit in memory for an RTSTRUCT with many ROIs on a large CT).
+    start, stop = np.maximum(lo, 0), np.minimum(hi, size)
+    if not np.all(stop > start):
+        window, crop = None, np.zeros((0, 0, 0), dtype=bool)
+    else:
+        window = tuple(slice(int(start[d]), int(stop[d])) for d in (2, 1, 0))
+        inside = tuple(slice(int(start[d] - lo[d]), int(stop[d] - lo[d])) for d in (2, 1, 0))
+        crop = box[inside]
+    outside = int(box.sum() - crop.sum())
     if outside:
-        missing = _components_missing(box, _crop_back(out, lo, hi, size, box_shape))
+        kept = np.zeros_like(box)
+        if window is not None:
+            kept[inside] = crop
+        missing = _components_missing(box, kept)
         if missing:
             structure.lost.append(
                 f"{_plural(missing, 'lesion')} drawn entirely outside the reference image (in-plane or in z)"
@@ -538,19 +544,7 @@ def _rasterize_roi(path: Path, structure: MaskStructure, contours: Sequence[pydi
             f"{outside} of {int(box.sum())} voxels ({100 * outside / box.sum():.1f}%) drawn outside the reference "
             "image are cut off"
         )
-    return out
-
-
-def _crop_back(out: np.ndarray, lo: np.ndarray, hi: np.ndarray, size: np.ndarray, box_shape: tuple) -> np.ndarray:
-    """The part of ``out`` (reference grid) inside the extended box, on the box's (z, y, x) grid."""
-    back = np.zeros(box_shape, dtype=bool)
-    a = np.maximum(lo, 0)
-    b = np.minimum(hi, size)
-    if np.all(b > a):
-        back[tuple(slice(int(a[d] - lo[d]), int(b[d] - lo[d])) for d in (2, 1, 0))] = out[
-            tuple(slice(int(a[d]), int(b[d])) for d in (2, 1, 0))
-        ]
-    return back
+    return window, crop
 
 
 def read_rtstruct(rtstruct_path: Path, reference: sitk.Image, options: MaskOptions | None = None) -> MaskResult:
@@ -608,19 +602,22 @@ def read_rtstruct(rtstruct_path: Path, reference: sitk.Image, options: MaskOptio
     masks = {}
     for number in reversed(order):  # paint in reverse priority: the first-listed pattern's label ends on top
         structure = MaskStructure(str(path), "ROI", names[number], chosen[number])
-        roi_mask = _rasterize_roi(path, structure, contours_by_roi.get(number, []), reference)
-        out[roi_mask] = chosen[number]
-        masks[number] = roi_mask
+        window, crop = _rasterize_roi(path, structure, contours_by_roi.get(number, []), reference)
+        if window is not None:
+            out[window][crop] = chosen[number]
+        masks[number] = (window, crop)
         structures.append(structure)
     structures.reverse()
     for structure, number in zip(structures, order):
-        binary = masks[number] & (out == structure.label)
-        overwritten = _components_missing(masks[number], binary)
+        window, crop = masks[number]
+        binary = crop & (out[window] == structure.label) if window is not None else crop
+        overwritten = _components_missing(crop, binary)
         if overwritten:
             structure.lost.append(f"{_plural(overwritten, 'lesion')} entirely under ROIs of another label")
-        elif binary.sum() < masks[number].sum():
-            structure.notes.append(f"{int(masks[number].sum() - binary.sum())} voxels claimed by ROIs of another label")
-        _record(structure, "reference", binary, reference)
+        elif binary.sum() < crop.sum():
+            structure.notes.append(f"{int(crop.sum() - binary.sum())} voxels claimed by ROIs of another label")
+        offset = (window[2].start, window[1].start, window[0].start) if window is not None else (0, 0, 0)
+        _record(structure, "reference", binary, reference, offset=offset)
     _log_structures(structures)
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(reference)
