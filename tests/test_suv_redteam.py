@@ -120,6 +120,35 @@ def test_injection_date_time_and_start_time_that_agree_at_their_precision_conver
     _assert_suv(_suv(tmp_path), _expected_suv(_activity()))
 
 
+def test_the_more_precise_of_injection_date_time_and_start_time_is_used(tmp_path):
+    # DT to the hour, TM to the second: before, the DT's 10:00 was used (1 h uptake instead of 30 min).
+    write_pet_series(tmp_path, _activity(), RadiopharmaceuticalStartDateTime="2024010110", RadiopharmaceuticalStartTime="103000")
+    result = _read(tmp_path)
+    assert result.details["seconds_injection_to_reference"] == 1800.0
+    assert "RadiopharmaceuticalStartTime(more-precise)" in result.branch
+    _assert_suv(sitk.GetArrayFromImage(result.image), _expected_suv(_activity(), seconds=1800.0))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"RadiopharmaceuticalStartDateTime": "2024010110", "omit": ("RadiopharmaceuticalStartTime",)},
+    {"RadiopharmaceuticalStartTime": "10", "omit": ("RadiopharmaceuticalStartDateTime",)},
+])  # fmt: skip
+def test_an_injection_time_to_the_hour_only_is_refused(tmp_path, kwargs):
+    # Before: read as hh:00:00, up to an hour off (SUV up to x 1.46 for F-18), nothing recorded.
+    write_pet_series(tmp_path, _activity(), **kwargs)
+    with pytest.raises(SUVError, match=r"case_x: RadiopharmaceuticalStart(Date)?Time \(0018,10(78|72)\) '\d+' gives the injection to the hour only"):
+        _read(tmp_path)
+
+
+def test_a_series_time_to_the_hour_only_is_not_the_reference(tmp_path):
+    # Before: SeriesTime '11' was taken as 11:00:00 exactly; now the start is back-computed.
+    write_pet_series(tmp_path, _activity(), SeriesTime="11")
+    result = _read(tmp_path)
+    assert "SeriesTime-rejected(hour only)|back-computed" in result.branch
+    # the factory's FrameReferenceTime is half the frame, not the mean-count time: 0.1 s apart
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.image), _expected_suv(_activity()), rtol=1e-4, atol=1e-3)
+
+
 def test_ibsi_dro_start_time_contradicting_its_date_time_is_refused(ibsi_dro_dir, tmp_path):
     shutil.copytree(ibsi_dro_dir / "DRO_0_0" / "PT", tmp_path / "PT")
     _mutate(sorted((tmp_path / "PT").iterdir()), lambda ds, rp, k: _put(rp, "RadiopharmaceuticalStartTime", "101500.000000"))
@@ -400,13 +429,6 @@ def test_suv_command_uses_an_intact_or_exact_copy(tmp_path, pet_dir, capsys):
     _assert_suv(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), _expected_suv(_activity()))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="routed to the owner of conversion/dicom_series.py (discover_series): of two copies of one "
-    "SOPInstanceUID whose content differs, the first in path order is kept and the other skipped with "
-    "a log line, so convert dicom writes the case with the wrong slice (rc 0); l1dfl suv refuses it "
-    "(test_suv_command_refuses_two_differing_copies_of_one_slice)",
-)
 def test_convert_dicom_fails_a_series_with_two_differing_copies_of_one_slice(tmp_path, capsys):
     from _dicom_factories import write_ct_series, write_rtstruct
     from pydicom.uid import generate_uid

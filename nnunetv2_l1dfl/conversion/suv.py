@@ -77,6 +77,9 @@ MAX_SERIES_BEFORE_ACQUISITION_S = 3600.0
 # by this plus the frame's mean-count time (vendors include the frame-duration factor or not).
 DECAY_FACTOR_TOLERANCE_S = 120.0
 MCI_IN_MBQ = 37.0
+# Injection and scan-start times must be written at least to the minute (an "HH" time leaves up to an
+# hour open: SUV x 1.46 for F-18).
+MAX_TIME_PRECISION_S = 60.0
 IMPLAUSIBLE_SUV_ACCEPTED = "implausible SUV accepted (--allow-implausible-suv)"  # starts each such warning
 PHILIPS_CREATOR = "Philips PET Private Group"
 GE_CREATOR = "GEMS_PETD_01"
@@ -1094,9 +1097,13 @@ def _reference_time(header: _Header, decay_constant: float) -> tuple[dt.datetime
         except ValueError as e:
             raise header.error(f"unreadable SeriesDate/SeriesTime (0008,0021/0031): {e}") from None
         gap_s = (earliest - series).total_seconds() if earliest is not None else 0.0
-        if 0 <= gap_s <= MAX_SERIES_BEFORE_ACQUISITION_S:
+        coarse = _time_precision_s(series_time) > MAX_TIME_PRECISION_S
+        if 0 <= gap_s <= MAX_SERIES_BEFORE_ACQUISITION_S and not coarse:
             return series, "SeriesTime", "SeriesDate/SeriesTime (0008,0021/0031)"
-        if gap_s < 0:
+        if coarse:
+            why_not_series = f"SeriesTime (0008,0031) {series_time!r} gives the hour only"
+            rejected = "SeriesTime-rejected(hour only)|"
+        elif gap_s < 0:
             why_not_series = "SeriesDate/SeriesTime (0008,0021/0031) is after the earliest AcquisitionTime (0008,0032)"
         else:
             why_not_series = (
@@ -1243,6 +1250,16 @@ def _injection_time(
                     f"RadiopharmaceuticalStartDateTime (0018,1078) {start_datetime!r} and RadiopharmaceuticalStartTime "
                     f"(0018,1072) {start_time!r} are {_duration(gaps[0])} apart{hint}: contradictory injection times"
                 )
+            if _time_precision_s(start_time) < precision:  # the TM is the more precise of the two
+                candidates = [dt.datetime.combine(injection.date() + dt.timedelta(days=d), clock) for d in (-1, 0, 1)]
+                injection = min(candidates, key=lambda c: abs((c - injection).total_seconds()))
+                precision = _time_precision_s(start_time)
+                branch.append("RadiopharmaceuticalStartTime(more-precise)")
+        if precision > MAX_TIME_PRECISION_S:
+            raise header.error(
+                f"RadiopharmaceuticalStartDateTime (0018,1078) {start_datetime!r} gives the injection to the hour only "
+                "(SUV uncertain by up to 2**(1 h / half-life)) and no RadiopharmaceuticalStartTime (0018,1072) says the minutes"
+            )
         branch.append("RadiopharmaceuticalStartDateTime")
         if offset_note:
             branch.append(offset_note)
@@ -1269,6 +1286,11 @@ def _injection_time(
         injection = dt.datetime.combine(_parse_date(date), _parse_time(start_time))
     except ValueError as e:
         raise header.error(f"unreadable RadiopharmaceuticalStartTime (0018,1072): {e}") from None
+    if branch is not None and _time_precision_s(start_time) > MAX_TIME_PRECISION_S:
+        raise header.error(
+            f"RadiopharmaceuticalStartTime (0018,1072) {start_time!r} gives the injection to the hour only "
+            "(SUV uncertain by up to 2**(1 h / half-life))"
+        )
     if branch is not None:
         branch.append("RadiopharmaceuticalStartTime")
     if reference is not None and injection > reference:
