@@ -409,8 +409,13 @@ def test_compare_end_to_end_equals_a_float64_loop_oracle(tmp_path, capsys, defin
             # the report's row carries the same numbers
             ba = a["bland_altman"]
             cell = f"{a['ccc']['ccc']:.3f}"
+            # and its own Delta: the header showed the reference's Delta only, while each trainer's
+            # TOST used the mean GT of its own included cases (Dmax: A 4 cases, B 5)
             assert any(line.startswith(f"| {t} | {a['n']} (") and cell in line and f"{ba['bias']:.3f} [" in line
-                       for line in report.splitlines()), (biomarker, t)  # fmt: skip
+                       and f"| {a['delta']:.3f} |" in line for line in report.splitlines()), (biomarker, t)  # fmt: skip
+    dmax = summary["agreement"]["biomarkers"]["dmax"]["trainers"]
+    assert dmax["A"]["n"] == 4 and dmax["B"]["n"] == 5 and dmax["A"]["delta"] != pytest.approx(dmax["B"]["delta"])
+    assert "Bonferroni over a family of 6 tests (1 trainer(s) x 6 biomarkers)" in report
     # absolute-error tests: 1 trainer x 6 biomarkers
     assert {r["family_size"] for r in summary["agreement"]["absolute_error_tests"]} == {6}
     # Table 1 cells in report.md equal summary.json's

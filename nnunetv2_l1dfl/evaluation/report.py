@@ -288,6 +288,16 @@ def _interval(value, low, high, digits: int) -> str:
     return f"{fmt(value, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
 
 
+def _family_size(agreement: dict) -> str:
+    """The Bonferroni family of the absolute-error tests in words, from the tests themselves."""
+    tests = agreement.get("absolute_error_tests") or []
+    if not tests:
+        return "0 tests (no trainer besides the reference)"
+    n_trainers = len({t["trainer"] for t in tests})
+    n_biomarkers = len({t["biomarker"] for t in tests})
+    return f"{tests[0]['family_size']} tests ({n_trainers} trainer(s) x {n_biomarkers} biomarkers)"
+
+
 def agreement_markdown(summary: dict) -> str:
     """The quantification-agreement section of report.md: one table per biomarker."""
     from nnunetv2_l1dfl.evaluation.agreement import BIOMARKER_TITLES
@@ -300,19 +310,18 @@ def agreement_markdown(summary: dict) -> str:
         "Differences are prediction - GT. CCC: Lin's concordance correlation coefficient [95 % CI, Fisher z]. "
         "Bias [95 % limits of agreement] (Bland-Altman), absolute and in % of the pair's mean. "
         f"TDI: total deviation index at {coverage:g} coverage (95 % upper bound); CP: coverage probability "
-        f"of +-Delta; TOST: equivalence within +-Delta, Delta = {margin:g} x mean GT, alpha = {alpha} "
-        f"(p and verdict). p |err|: one-sided Wilcoxon that the trainer's absolute errors are smaller "
-        f"than the reference's, Bonferroni over trainers x biomarkers; * p < {alpha}. Cases where the "
-        "biomarker is undefined (no GT / no predicted lesion) are left out and counted.\n"
+        f"of +-Delta; TOST: equivalence within +-Delta, Delta = {margin:g} x |mean GT| of the trainer's "
+        f"included cases (its own column: cases left out differ between trainers), alpha = {alpha} "
+        f"(p and verdict). p abs err: one-sided Wilcoxon that the trainer's absolute errors are smaller "
+        f"than the reference's, Bonferroni over a family of {_family_size(agreement)}; * p < {alpha}. "
+        "Cases where the biomarker is undefined (no GT / no predicted lesion) are left out and counted.\n"
     )
     header = ["Trainer", "n (no GT / no pred)", "CCC [95 % CI]", "Bias [LoA]", "Bias % [LoA]", "TDI (upper)",
-              "CP(±Delta)", "TOST p", "Equivalent", "p abs err"]  # fmt: skip
+              "Delta", "CP(±Delta)", "TOST p", "Equivalent", "p abs err"]  # fmt: skip
     for name, entry in agreement["biomarkers"].items():
         unit = entry["unit"]
         rows = []
-        delta = None
         for trainer, a in entry["trainers"].items():
-            delta = a["delta"] if delta is None else delta
             ba, pct, tdi, tost = a["bland_altman"], a["bland_altman"]["percent"], a["tdi"], a["tost"]
             test = a.get("absolute_error_test")
             if trainer == summary["reference"]:
@@ -326,12 +335,12 @@ def agreement_markdown(summary: dict) -> str:
                  _interval(a["ccc"]["ccc"], a["ccc"]["ci_low"], a["ccc"]["ci_high"], 3),
                  _interval(ba["bias"], ba["loa_low"], ba["loa_high"], 3),
                  _interval(pct["bias"], pct["loa_low"], pct["loa_high"], 1),
-                 f"{fmt(tdi['tdi'], 3)} ({fmt(tdi['tdi_upper'], 3)})",
+                 f"{fmt(tdi['tdi'], 3)} ({fmt(tdi['tdi_upper'], 3)})", fmt(a["delta"], 3),
                  fmt(a["coverage_probability"]["cp"], 3), fmt_p(tost["p_value"]),
                  ("yes" if tost["equivalent"] else "no") if not _is_missing(tost["p_value"]) else "n/a", p]
             )  # fmt: skip
         title = BIOMARKER_TITLES.get(name, name)
-        out.append(f"### {title} ({unit}; Delta = {fmt(delta, 3)} {unit})\n")
+        out.append(f"### {title} ({unit})\n")
         out.append(_markdown_table(header, rows) + "\n")
     return "\n".join(out)
 
