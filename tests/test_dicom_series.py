@@ -312,3 +312,23 @@ def test_an_unreadable_dicom_file_beside_one_series_makes_it_incomplete(tmp_path
     assert by_modality["PT"].problem.startswith(f"{pet[3]}: not readable as DICOM")
     assert "so it is incomplete" in by_modality["PT"].problem
     assert by_modality["CT"].problem == ""
+
+
+def test_two_differing_copies_of_one_instance_make_the_series_a_problem(tmp_path):
+    """Of two copies of one SOPInstanceUID, discovery kept the first in path order, right or wrong."""
+    pet = write_pet_series(tmp_path / "pet", np.ones((3, 4, 4)) * 100)
+    shutil.copy(pet[0], tmp_path / "pet" / "z_exact_copy.dcm")
+    ds = pydicom.dcmread(pet[1])
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(tmp_path / "pet" / "z_reencoded.dcm", implicit_vr=True, little_endian=True)  # same data set
+    assert (tmp_path / "pet" / "z_reencoded.dcm").read_bytes() != pet[1].read_bytes()
+    ds = pydicom.dcmread(pet[1])
+    (series,), skipped = discover_series(tmp_path)
+    assert series.problem == "" and len(skipped) == 2
+    ds.RescaleSlope = str(float(ds.RescaleSlope) * 2)
+    ds.save_as(tmp_path / "pet" / "a_copy.dcm")  # sorted first: it would have been kept
+    (series,), _ = discover_series(tmp_path)
+    assert series.problem == (
+        f"{pet[1]}: duplicate SOPInstanceUID (0008,0018) {ds.SOPInstanceUID} of {tmp_path / 'pet' / 'a_copy.dcm'}, "
+        "and the two copies differ (which one is right is not known)"
+    )

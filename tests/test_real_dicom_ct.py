@@ -153,8 +153,10 @@ def test_real_preamble_less_rtstruct_is_read(real_dicom):
 
 def test_real_dicom_discovery_finds_every_series(real_dicom):
     """Discovery over the whole folder: every DICOM file found (the preamble-less RTSTRUCT too),
-    only the licence/readme texts and exact SOP duplicates skipped, and the oblique series' slices
-    (three different StudyInstanceUIDs in one series) reported as a problem series."""
+    only the licence/readme texts and second copies of an SOPInstanceUID skipped, and as problem
+    series: the oblique series (three StudyInstanceUIDs in one series) and the three instances whose
+    two copies here differ (CT_small has an OtherPatientIDsSequence that highdicom's ct_image lacks;
+    liver_1frame is liver.dcm cut to one frame; non_existent_reference_rt lacks the referenced study)."""
     series, skipped = discover_series(real_dicom)
     by_first_file = {s.files[0].relative_to(real_dicom).as_posix(): s for s in series}
     assert by_first_file["pydicom/rtstruct.dcm"].modality == "RTSTRUCT"
@@ -167,6 +169,14 @@ def test_real_dicom_discovery_finds_every_series(real_dicom):
     duplicates = sorted(p.name for p, r in skipped if r.startswith("duplicate SOPInstanceUID (0008,0018)"))
     assert sorted(texts + duplicates) == skipped_names
     assert "CT_small.dcm" in duplicates  # the same SOP instance as highdicom/ct_image.dcm
-    assert all(
-        not s.problem for name, s in by_first_file.items() if name != "rt-utils/oriented_data/0.dcm"
-    )
+    differing = {
+        "highdicom/ct_image.dcm": "pydicom/CT_small.dcm",
+        "dcmqi/liver.dcm": "pydicom/liver_1frame.dcm",
+        "rt-utils/mock_data/invalid_reference_rt.dcm": "rt-utils/mock_data/non_existent_reference_rt.dcm",
+    }
+    for kept, copy in differing.items():
+        assert by_first_file[kept].problem.startswith(
+            f"{real_dicom / copy}: duplicate SOPInstanceUID (0008,0018) "
+        ) and by_first_file[kept].problem.endswith("and the two copies differ (which one is right is not known)")
+    problems = {name for name, s in by_first_file.items() if s.problem}
+    assert problems == {"rt-utils/oriented_data/0.dcm", *differing}

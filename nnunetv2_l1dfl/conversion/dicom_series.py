@@ -295,6 +295,17 @@ def _truncation_problem(ds: pydicom.Dataset, path: Path) -> str:
     return ""
 
 
+def _same_instance(a: Path, b: Path) -> bool:
+    """Two files of one SOPInstanceUID hold the same data set (identical bytes, or equal once parsed:
+    the same elements in another encoding); unreadable counts as different."""
+    if a.read_bytes() == b.read_bytes():
+        return True
+    try:
+        return read_dicom(a) == read_dicom(b)
+    except (DicomSeriesError, OSError):
+        return False
+
+
 def _has_dicm_marker(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -315,7 +326,8 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
     are read (:func:`read_dicom`). A series whose files disagree on modality, patient, study or frame
     of reference keeps all its files and carries the reason in ``problem`` (never silently split);
     so does a series with a truncated file that has no intact copy (it would be a slice short), or
-    with an unparsable file marked DICOM in a folder holding only that series' files.
+    with an unparsable file marked DICOM in a folder holding only that series' files, or with two
+    copies of one SOPInstanceUID whose content differs (which one is right is not known).
     """
     from tqdm import tqdm
 
@@ -364,12 +376,18 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
 
     unique: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
     seen_sops: dict[str, dict[str, Path]] = {}
+    differing: dict[str, str] = {}  # series UID -> why two copies of one instance disagree
     for uid, all_members in headers.items():
         seen = seen_sops.setdefault(uid, {})
         for path, ds in all_members:
             sop = _text(ds, "SOPInstanceUID")
             if sop and sop in seen:
                 skipped.append((path, f"duplicate SOPInstanceUID (0008,0018) {sop} of {seen[sop]}"))
+                if uid not in differing and not _same_instance(path, seen[sop]):
+                    differing[uid] = (
+                        f"{path}: duplicate SOPInstanceUID (0008,0018) {sop} of {seen[sop]}, and the two copies "
+                        "differ (which one is right is not known)"
+                    )
                 continue
             seen[sop] = path
             unique.setdefault(uid, []).append((path, ds))
@@ -387,7 +405,7 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
     series: list[DicomSeries] = []
     for uid, members in unique.items():
         seen = seen_sops[uid]
-        problem = _series_problem(uid, members) or _sop_class_problem(members)
+        problem = _series_problem(uid, members) or _sop_class_problem(members) or differing.get(uid, "")
         lost = [(path, why) for path, why, sop in damaged.get(uid, []) if not sop or sop not in seen]
         if lost and not problem:
             problem = (
