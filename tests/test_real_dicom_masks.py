@@ -191,3 +191,19 @@ def test_real_preamble_less_rtstruct(real_dicom):
     isocentre = read_rtstruct(path, grid, MaskOptions(roi_pattern="isocenter"))
     with pytest.raises(MaskError, match=r"ROI 'Isocenter 1': 1 contour POINT \(only CLOSED_PLANAR"):
         check_structures(isocentre.structures)
+
+
+def test_real_files_through_l1dfl_mask(real_dicom, tmp_path, capsys):
+    from nnunetv2_l1dfl.cli import main
+
+    out = tmp_path / "liver.nii.gz"
+    assert main(["mask", str(real_dicom / "pydicom-data/liver_j2k.dcm"), "--reference", str(real_dicom / CT_3SLICE),
+                 "-o", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "segment '1 Liver' -> label 1: drawn: 107098 voxels" in printed and "reference: 107098 voxels" in printed
+    assert _voxels(sitk.ReadImage(str(out))) == 107098
+    assert main(["mask", str(real_dicom / "rt-utils/mock_data/rt.dcm"), "--reference",
+                 str(real_dicom / "rt-utils/mock_data/ct"), "-o", str(tmp_path / "rt.nii.gz"), "--roi-pattern", "ROI"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1.2.826.0.1.3680043.8.498.41321784967516118556817630335498661397 differs" in err[0]
+    assert not (tmp_path / "rt.nii.gz").exists()
