@@ -249,7 +249,8 @@ def write_pet_series(
     private_creators = {group for group, _ in private}
 
     def fill(ds: Dataset, k: int) -> Dataset:
-        ds.CorrectedImage = ["NORM", "DTIM", "ATTN", "SCAT", "DECY", "RAN"]
+        # DECY only when decay-corrected (DecayCorrection START / ADMIN), as the IBSI DROs write it
+        ds.CorrectedImage = ["NORM", "DTIM", "ATTN", "SCAT"] + (["DECY"] if decay_correction.upper() != "NONE" else []) + ["RAN"]
         ds.SeriesType = ["STATIC", "IMAGE"]
         ds.Units = units
         ds.DecayCorrection = decay_correction

@@ -302,6 +302,38 @@ def test_decay_correction_none_reads_acquisition_datetime_when_acquisition_time_
     np.testing.assert_allclose(_suv(tmp_path), expected, rtol=1e-6)
 
 
+# -- DecayCorrection against CorrectedImage -------------------------------------------------------
+
+
+@pytest.mark.parametrize("decay_correction, corrected, message", [
+    ("START", ["NORM", "DTIM", "ATTN", "SCAT", "RAN"], r"DecayCorrection \(0054,1102\) START but CorrectedImage \(0028,0051\) .* lacks DECY"),
+    ("ADMIN", ["ATTN"], r"DecayCorrection \(0054,1102\) ADMIN but CorrectedImage \(0028,0051\) \['ATTN'\] lacks DECY"),
+    ("NONE", ["ATTN", "DECY"], r"DecayCorrection \(0054,1102\) NONE but CorrectedImage \(0028,0051\) lists DECY"),
+])  # fmt: skip
+def test_decay_correction_contradicting_corrected_image_is_refused(tmp_path, decay_correction, corrected, message):
+    # Before: DecayCorrection was believed whatever CorrectedImage said (a NONE series taken as
+    # START is off by the decay factor between the scan start and each frame).
+    write_pet_series(tmp_path, _activity(), decay_correction=decay_correction, CorrectedImage=corrected)
+    with pytest.raises(SUVError, match=rf"case_x: {message}: contradictory"):
+        _read(tmp_path)
+
+
+@pytest.mark.parametrize("dro, change", [
+    ("DRO_0_0", lambda ds, rp, k: setattr(ds, "CorrectedImage", [c for c in ds.CorrectedImage if c != "DECY"])),
+    ("DRO_3_4", lambda ds, rp, k: setattr(ds, "CorrectedImage", [*ds.CorrectedImage, "DECY"])),  # DC NONE
+])  # fmt: skip
+def test_ibsi_dro_with_decy_contradicting_decay_correction_is_refused(ibsi_dro_dir, tmp_path, dro, change):
+    shutil.copytree(ibsi_dro_dir / dro / "PT", tmp_path / "PT")
+    _mutate(sorted((tmp_path / "PT").iterdir()), change)
+    with pytest.raises(SUVError, match=r"DECY: contradictory|lists DECY: contradictory"):
+        read_pet_suv(tmp_path / "PT", case_id=dro)
+
+
+def test_absent_corrected_image_is_not_checked_against_decay_correction(tmp_path):
+    write_pet_series(tmp_path, _activity(), omit=("CorrectedImage",))
+    _assert_suv(_suv(tmp_path), _expected_suv(_activity()))
+
+
 # -- numbers that agree, dates that are not dates ---------------------------------------------
 
 

@@ -671,6 +671,7 @@ def _convert(stack: Any, header: _Header, half_lives: Mapping[str, float]) -> tu
     )  # fmt: skip
     decay_correction = details["decay_correction"]
     decay_constant = math.log(2.0) / half_life_s
+    _check_decy(header, decay_correction)
     if decay_correction == "ADMIN":
         branch.append("ADMIN")
         injection = _injection_time(header, None, None, half_life_s)
@@ -869,6 +870,27 @@ def _normalized_to_body_weight(
     branch.extend(fixes)
     details.update(weight_kg=weight_kg, height_m=height_m, normalization_factor=factor)
     return weight_kg
+
+
+def _check_decy(header: _Header, decay_correction: str) -> None:
+    """CorrectedImage (0028,0051), when written, must agree with DecayCorrection (0054,1102): DECY
+    listed for START / ADMIN, not for NONE. Otherwise the header says both that the pixels are and are
+    not decay-corrected, and which is true moves SUV by the decay factor (x 1.46 after 1 h of F-18)."""
+    header.text("CorrectedImage")  # all slices must agree
+    raw = header.first.get("CorrectedImage")
+    if raw is None or str(raw).strip() in ("", "[]"):
+        return
+    names = {str(raw).strip().upper()} if isinstance(raw, str) else {str(c).strip().upper() for c in raw}
+    if decay_correction in ("START", "ADMIN") and "DECY" not in names:
+        raise header.error(
+            f"DecayCorrection (0054,1102) {decay_correction} but CorrectedImage (0028,0051) {sorted(names)} lacks DECY: "
+            "contradictory (are the pixels decay-corrected?)"
+        )
+    if decay_correction == "NONE" and "DECY" in names:
+        raise header.error(
+            "DecayCorrection (0054,1102) NONE but CorrectedImage (0028,0051) lists DECY: contradictory "
+            "(are the pixels decay-corrected?)"
+        )
 
 
 def _cps_to_bqml(header: _Header, stack: Any, activity: np.ndarray, details: dict, branch: list[str]) -> None:
