@@ -488,3 +488,15 @@ def test_dicom_converter_labelmap_seg_and_lost_rtstruct_roi(tmp_path, capsys):
     (row,) = _metadata_rows(raw / "Dataset523_M").values()
     assert "lesion loss accepted (--allow-lesion-loss): " in row["warnings"] and "ROI 'lesion B'" in row["warnings"]
     assert row["n_lesions"] == "2"
+
+
+def test_mask_threshold_leaves_integer_label_maps_alone(pet_grid):
+    _, reference = pet_grid
+    lesion, small, _ = _shapes()
+    labels = sitk.GetImageFromArray((np.where(lesion, 1, 0) + np.where(small, 2, 0)).astype(np.uint8))
+    labels.CopyInformation(reference)
+    result = labels_from_image(labels, "gtv.nii.gz", MaskOptions(mask_threshold=0.5), allowed=[1, 2])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.label), sitk.GetArrayFromImage(labels))
+    assert [s.name for s in result.structures] == ["value 1", "value 2"] and check_structures(result.structures) == []
+    with pytest.raises(MaskError, match=r"gtv.nii.gz: label values \[2\] are not among the dataset's labels \[1\]"):
+        labels_from_image(labels, "gtv.nii.gz", allowed=[1])

@@ -760,7 +760,7 @@ def read_seg(seg_path: Path, reference: sitk.Image, options: MaskOptions | None 
         image.CopyInformation(reference)
         place_structures(structures, grid, image, "reference")
     else:
-        image, report = resample_mask_to(image, reference)
+        image, report = resample_mask_to(image, reference, log_messages=False)  # the structures say what was lost
         _log_resample_report(path, "SEG", report)
         place_structures(structures, grid, image, "reference")
     _log_structures(structures)
@@ -801,7 +801,8 @@ def labels_from_image(image: sitk.Image, path: Path | str, options: MaskOptions 
 
     Values must be integers in 0..255; a mask with other values (a probability or partial-volume
     mask: 0.5 would be truncated to 0 by a cast) raises ``MaskError`` naming the file and the values,
-    unless ``options.mask_threshold`` T is set: then ``value >= T`` is label 1. ``merge``: every
+    unless ``options.mask_threshold`` T is set: then ``value >= T`` is label 1 (an integer label map
+    is never thresholded, so several labels stay apart). ``merge``: every
     value > 0 becomes label 1 (each value stays its own structure in the accounting). ``allowed``:
     the label values the dataset has (others raise). Structures: one per value present (a mask
     without any lesion is fine: there is nothing to lose).
@@ -828,11 +829,6 @@ def labels_from_image(image: sitk.Image, path: Path | str, options: MaskOptions 
         t = options.mask_threshold
         array = (array >= t).astype(np.uint8)
         notes.append(f"non-integer mask thresholded at {t:g} (--mask-threshold): {int(array.sum())} lesion voxels")
-    elif options.mask_threshold is not None and array.size and array.max() > 0:
-        # An integer label map: the threshold applies to its values as well, but says so.
-        thresholded = (array >= options.mask_threshold).astype(np.uint8)
-        notes.append(f"mask thresholded at {options.mask_threshold:g} (--mask-threshold)")
-        array = thresholded
     if array.size and (array.min() < 0 or array.max() > 255):
         raise MaskError(f"{path}: label values must be integers in 0..255 (found {array.min():g}..{array.max():g})")
     array = array.astype(np.uint8)
@@ -858,7 +854,7 @@ def place_mask_on(result: MaskResult, reference: sitk.Image, stage: str) -> Mask
     if same_geometry(result.label, reference):
         label = _copy_geometry(result.label, reference)
     else:
-        label, report = resample_mask_to(result.label, reference)
+        label, report = resample_mask_to(result.label, reference, log_messages=False)  # the structures report
         _log_resample_report(Path(result.structures[0].file) if result.structures else Path("mask"), "mask", report)
     place_structures(result.structures, result.label, label, stage)
     return MaskResult(label, result.structures)
