@@ -240,7 +240,7 @@ def test_two_radiopharmaceutical_items_that_disagree_are_refused(tmp_path):
 
 def test_two_identical_radiopharmaceutical_items_convert(tmp_path):
     files = write_pet_series(tmp_path, _activity())
-    _add_item(files)
+    _add_item(files, RadionuclideTotalDose="3.5e8")  # the same dose, written differently
     _assert_suv(_suv(tmp_path), _expected_suv(_activity()))
 
 

@@ -512,7 +512,7 @@ class _Header:
                 for keyword in keywords:
                     first = str(items[0].get(keyword, "") or "").strip()
                     other = str(item.get(keyword, "") or "").strip()
-                    if first != other:
+                    if first != other and not _same_number(first, other):
                         raise self.error(
                             f"{path.name}: RadiopharmaceuticalInformationSequence (0054,0016) has {len(items)} items "
                             f"that disagree: {keyword} {TAGS.get(keyword, '')} {first!r} in item 1, {other!r} in item {k} "
@@ -535,6 +535,14 @@ class _Header:
             self.case, group, element, owner, manufacturer, creator,
         )  # fmt: skip
         return None
+
+
+def _same_number(a: str, b: str) -> bool:
+    """'350000000' and '3.5e8' are one dose; False when either is not a number."""
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
 
 
 def _average_count_time_s(frame_duration_s: float, decay_constant: float) -> float:
