@@ -489,3 +489,15 @@ def test_a_pet_with_a_truncated_slice_file_fails(tmp_path, capsys, cut):
     reason = r"truncated: pixel data \(7FE0,0010\)" if cut == "in the pixel data" else "truncated or incomplete: an image"
     assert re.search(rf"FAILED CUT_20240101: .*pet_011\.dcm: {reason}.* so it is incomplete", err), err
     assert "0 converted" in out
+
+
+def test_a_pet_whose_every_file_is_damaged_is_failed_not_vanished(tmp_path, capsys):
+    root = tmp_path / "export"
+    _study(root / "good", "GOOD", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    gone = _study(root / "gone", "GONE", "20240101", ct_grid="pet", mask="rtstruct-on-pet")
+    for path in gone["pet"]:
+        path.write_bytes(path.read_bytes()[:-40])
+    assert _convert(root, tmp_path / "raw") == 1
+    out, err = capsys.readouterr()
+    assert re.search(r"FAILED GONE_20240101: .*pet_000\.dcm: truncated: pixel data .*0 readable files and 12 damaged", err), err
+    assert "PET series: 2 found; 1 converted, 0 already done, 1 failed, 0 skipped" in out

@@ -332,3 +332,14 @@ def test_two_differing_copies_of_one_instance_make_the_series_a_problem(tmp_path
         f"{pet[1]}: duplicate SOPInstanceUID (0008,0018) {ds.SOPInstanceUID} of {tmp_path / 'pet' / 'a_copy.dcm'}, "
         "and the two copies differ (which one is right is not known)"
     )
+
+
+def test_a_series_whose_every_file_is_damaged_is_still_found(tmp_path):
+    """A PET folder copied with every file cut short must not vanish from the accounting."""
+    pet = write_pet_series(tmp_path / "pet", np.ones((3, 8, 8)) * 100, patient_id="GONE")
+    for path in pet:
+        path.write_bytes(path.read_bytes()[:-40])
+    (series,), skipped = discover_series(tmp_path)
+    assert len(skipped) == 3 and (series.modality, series.patient_id, series.files) == ("PT", "GONE", tuple(pet))
+    assert series.has_pet_files and series.problem.startswith(f"{pet[0]}: truncated: pixel data (7FE0,0010)")
+    assert "the series has 0 readable files and 3 damaged one(s)" in series.problem

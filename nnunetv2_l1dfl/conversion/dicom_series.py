@@ -341,6 +341,7 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
     headers: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
     damaged: dict[str, list[tuple[Path, str, str]]] = {}  # series UID -> (file, problem, SOPInstanceUID)
     unreadable: list[tuple[Path, str]] = []  # files marked DICOM ('DICM' at byte 128) that do not parse
+    damaged_headers: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}  # what the damaged files still say
     for path in tqdm(paths, desc="reading DICOM headers", unit="file", disable=not progress):
         # pydicom warns about malformed values; a file that gets skipped carries the first warning.
         with warnings.catch_warnings(record=True) as caught:
@@ -367,6 +368,7 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
             skipped.append((path, problem + note))
             if uid:  # its series is a file short, unless an intact copy of the instance exists
                 damaged.setdefault(uid, []).append((path, problem, _text(ds, "SOPInstanceUID")))
+                damaged_headers.setdefault(uid, []).append((path, ds))
             elif not problem.startswith("no SeriesInstanceUID") and _has_dicm_marker(path):
                 unreadable.append((path, problem))
             continue
@@ -402,14 +404,22 @@ def discover_series(root: Path, progress: bool = False) -> tuple[list[DicomSerie
         if len(uids) == 1:
             damaged.setdefault(next(iter(uids)), []).append((path, reason, ""))
 
+    # A series whose every file is damaged is still a series found (it must not vanish from the
+    # accounting): it is listed with those files and the reason, and never read.
+    for uid, members in damaged_headers.items():
+        if uid not in unique:
+            unique[uid] = members
+            seen_sops[uid] = {}
+
     series: list[DicomSeries] = []
     for uid, members in unique.items():
         seen = seen_sops[uid]
         problem = _series_problem(uid, members) or _sop_class_problem(members) or differing.get(uid, "")
         lost = [(path, why) for path, why, sop in damaged.get(uid, []) if not sop or sop not in seen]
         if lost and not problem:
+            readable = len(members) if uid in headers else 0  # all-damaged series: none
             problem = (
-                f"{lost[0][0]}: {lost[0][1]}; the series has {len(members)} readable files and "
+                f"{lost[0][0]}: {lost[0][1]}; the series has {readable} readable files and "
                 f"{len(lost)} damaged one(s) without an intact copy, so it is incomplete"
             )
         modalities = tuple(sorted(
