@@ -423,3 +423,57 @@ def test_compare_end_to_end_equals_a_float64_loop_oracle(tmp_path, capsys, defin
         mean, sd, n_nan = row["dice"]["mean"], row["dice"]["sd"], row["dice"]["n_nan"]
         assert n_nan == {"A": 1, "B": 2}[row["trainer"]]  # c5 for both; c2 for B (no GT, no prediction)
         assert f"| {row['trainer']} | {row['n_cases']} | {mean:.2f} ± {sd:.2f} ({n_nan} NaN) |" in report
+
+
+# ----------------------------------------------------------------------------- label values
+
+
+def _two_case_folders(tmp_path, pred_value: int, labels: dict | None):
+    import json
+
+    from _evaluation_helpers import write_image
+
+    for case_id in ("c0", "c1"):
+        gt = np.zeros((4, 8, 8), np.uint8)
+        gt[1:3, 1:3, 1:3] = 1
+        pred = gt.astype(np.uint16) * (pred_value if case_id == "c1" else 1)
+        pred[3, 7, 7] = pred_value if case_id == "c1" else 0
+        write_image(tmp_path / "raw" / "labelsTs" / f"{case_id}.nii.gz", gt)
+        write_image(tmp_path / "raw" / "imagesTs" / f"{case_id}_0001.nii.gz", np.ones((4, 8, 8), np.float32))
+        for t in ("A", "B"):
+            write_image(tmp_path / t / f"{case_id}.nii.gz", pred if t == "B" else gt)
+    if labels is not None:
+        (tmp_path / "raw" / "dataset.json").write_text(json.dumps({"labels": labels, "channel_names": {"0": "CT", "1": "CT"}}))
+    return ["compare", "--pred", f"A={tmp_path / 'A'}", "--pred", f"B={tmp_path / 'B'}", "--gt",
+            str(tmp_path / "raw" / "labelsTs"), "--pet", str(tmp_path / "raw" / "imagesTs"), "--no-plots",
+            "-np", "1", "-o", str(tmp_path / "out")]  # fmt: skip
+
+
+def test_label_value_the_dataset_does_not_declare_fails_naming_the_file(tmp_path, capsys):
+    """A prediction holding label 2 in a one-label dataset (dataset.json: background 0, lesion 1) was
+    scored as lesion without a word; now a one-line error names the file, the value and the count."""
+    from nnunetv2_l1dfl.cli import main
+
+    args = _two_case_folders(tmp_path, 2, {"background": 0, "lesion": 1})
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("l1dfl compare: error: ") and "\n" not in err
+    assert str(tmp_path / "B" / "c1.nii.gz") in err and "[2] in 9 voxel(s)" in err and "largest label 1" in err
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_label_values_within_the_dataset_or_without_dataset_json_are_scored(tmp_path, capsys):
+    """Region-based labels ([1, 2]) allow 2; without dataset.json every value > 0 is foreground (as
+    documented); the largest declared label is recorded in the options of summary.json."""
+    import json
+
+    from nnunetv2_l1dfl.cli import main
+
+    args = _two_case_folders(tmp_path / "regions", 2, {"background": 0, "lesion": [1, 2]})
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "regions" / "out" / "summary.json").read_text())
+    assert summary["options"]["max_label"] == 2
+    args = _two_case_folders(tmp_path / "none", 2, None)
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "none" / "out" / "summary.json").read_text())
+    assert summary["options"]["max_label"] is None and summary["table1"]["all"][1]["fp"]["mean"] == 0.5

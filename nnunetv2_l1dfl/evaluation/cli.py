@@ -143,6 +143,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=compare_entry)
 
 
+def _with_dataset_labels(options, inputs: dict):
+    """``options`` with ``max_label`` from the dataset.json beside the PET or GT folder, or in a
+    prediction folder (nnU-Net copies it there), so that a label value the dataset does not declare
+    fails the case instead of counting as lesion."""
+    import dataclasses
+
+    from nnunetv2_l1dfl.evaluation.io import dataset_max_label
+
+    folders = [inputs.get("pet_folder"), inputs.get("gt_folder")]
+    candidates = [Path(f).parent / "dataset.json" for f in folders if f]
+    candidates += [Path(f) / "dataset.json" for f in inputs.get("predictions", {}).values()]
+    return dataclasses.replace(options, max_label=dataset_max_label(candidates))
+
+
 def compare_entry(args: argparse.Namespace) -> int:
     """Run ``l1dfl compare``; returns 0, or 2 with a one-line error for unusable inputs."""
     from nnunetv2_l1dfl.evaluation.compare import CompareOptions, run_compare
@@ -209,6 +223,10 @@ def compare_entry(args: argparse.Namespace) -> int:
                 dict(args.pred), args.gt, args.pet, args.pet_channel, args.file_ending or DEFAULT_FILE_ENDING
             )
             trainers = names
+        try:
+            options = _with_dataset_labels(options, inputs)
+        except ValueError as e:  # --label above what dataset.json declares
+            return fail(str(e))
         summary = run_compare(cases, trainers, args.output, options, inputs, overwrite=args.overwrite)
     except CompareInputError as e:
         return fail(str(e))

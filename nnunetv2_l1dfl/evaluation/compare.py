@@ -66,6 +66,9 @@ class CompareOptions:
         calibration: use ``<case>.npz`` probabilities when present.
         calibration_region / calibration_margin_voxels / calibration_bins: see calibration.py.
         geometry_tolerance: absolute tolerance on spacing/origin (mm) and direction cosines.
+        max_label: the largest label value dataset.json declares (its ``labels``); a GT or predicted
+            voxel above it fails the case naming the file (a label 2 in a one-label dataset is a
+            wrong file, not a lesion). None (no dataset.json): every value > 0 is foreground.
         n_processes: cases scored in parallel.
         mip_cases: how many cases with the largest disagreement between trainers get a PET MIP.
         plots: draw PNG figures.
@@ -93,6 +96,7 @@ class CompareOptions:
     calibration_margin_voxels: int = 3
     calibration_bins: int = 15
     geometry_tolerance: float = 1e-3
+    max_label: int | None = None
     n_processes: int = 1
     mip_cases: int = 3
     plots: bool = True
@@ -135,6 +139,11 @@ class CompareOptions:
         check(self.calibration_margin_voxels >= 0, "calibration_margin_voxels must be >= 0")
         check(self.calibration_bins >= 1, "calibration_bins must be >= 1")
         check(self.geometry_tolerance >= 0, "geometry_tolerance must be >= 0")
+        check(self.max_label is None or self.max_label >= 1, f"max_label must be >= 1, got {self.max_label}")
+        check(
+            self.label is None or self.max_label is None or self.label <= self.max_label,
+            f"label {self.label} is above the largest label {self.max_label} that dataset.json declares",
+        )
         check(self.n_processes >= 1, f"n_processes must be >= 1, got {self.n_processes}")
         check(self.mip_cases >= 0, "mip_cases must be >= 0")
 
@@ -151,6 +160,20 @@ class CaseResult:
     case_rows: list[dict]
     lesion_rows: list[dict]
     calibration: dict[str, CalibrationCounts] = field(default_factory=dict)
+
+
+def check_label_values(label_map: np.ndarray, max_label: int | None, source: str) -> None:
+    """Raise :class:`CompareInputError` when ``label_map`` holds a value above ``max_label``."""
+    if max_label is None or label_map.size == 0:
+        return
+    highest = int(label_map.max())
+    if highest > max_label:
+        above = label_map > max_label
+        values = np.unique(label_map[above])
+        raise CompareInputError(
+            f"{source}: label value(s) {values[:5].tolist()} in {int(above.sum())} voxel(s), above the largest "
+            f"label {max_label} that dataset.json declares"
+        )
 
 
 def _score_trainer(
@@ -204,6 +227,9 @@ def evaluate_case_arrays(
 ) -> CaseResult:
     """Score in-memory arrays of one case (all (z, y, x), same grid; see :func:`evaluate_case_files`)."""
     options = options or CompareOptions()
+    check_label_values(gt_label_map, options.max_label, f"case {case_id} GT")
+    for trainer, pred in predictions.items():
+        check_label_values(pred, options.max_label, f"case {case_id} {trainer}")
     gt = metrics.analyse_ground_truth(
         metrics.foreground_mask(gt_label_map, options.label), suv, spacing_mm, options.connectivity
     )
@@ -247,6 +273,7 @@ def evaluate_case_files(case: CaseFiles, options: CompareOptions) -> CaseResult:
     ``options.calibration``) is read, checked against the GT geometry and scored.
     """
     gt_label_map, gt_geometry = read_image(case.gt, "label")
+    check_label_values(gt_label_map, options.max_label, str(case.gt))
     suv, pet_geometry = read_image(case.pet, "pet")
     check_geometry((case.gt, gt_geometry), (case.pet, pet_geometry), options.geometry_tolerance)
     try:
@@ -260,6 +287,7 @@ def evaluate_case_files(case: CaseFiles, options: CompareOptions) -> CaseResult:
     result = CaseResult(case.case_id, [], [])
     for trainer, path in case.predictions.items():
         pred_label_map, pred_geometry = read_image(path, "label")
+        check_label_values(pred_label_map, options.max_label, str(path))
         check_geometry((case.gt, gt_geometry), (path, pred_geometry), options.geometry_tolerance)
         case_row, lesion_rows = _score_trainer(
             case.case_id, trainer, gt, gt_row, gt_lesion_rows, pred_label_map, suv, options, case.folds.get(trainer)

@@ -229,6 +229,29 @@ def check_pet_channel(dataset_json: Path | None, pet_channel: int) -> None:
     logger.debug("%s names no channel PET; --pet-channel %d taken as given", dataset_json, pet_channel)
 
 
+def dataset_max_label(dataset_jsons: list[Path]) -> int | None:
+    """The largest label value the first existing dataset.json declares in ``labels`` (nnU-Net's
+    ``{"background": 0, "lesion": 1}``, or region lists ``{"lesion": [1, 2]}``); None without one."""
+    for path in dataset_jsons:
+        path = Path(path)
+        if not path.is_file():
+            continue
+        try:
+            labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
+        except (OSError, ValueError, AttributeError) as e:
+            raise CompareInputError(f"cannot read {path}: {e}") from e
+        if not labels:
+            return None
+        values = []
+        for value in labels.values():
+            values += list(value) if isinstance(value, (list, tuple)) else [value]
+        try:
+            return max(int(v) for v in values) if values else None
+        except (TypeError, ValueError) as e:
+            raise CompareInputError(f"{path}: labels must be integers, got {labels}") from e
+    return None
+
+
 # ----------------------------------------------------------------------------- cases
 
 
