@@ -115,6 +115,7 @@ def convert_autopet_fdg(
     overwrite: bool = False,
     progress: bool = True,
     mask_options: MaskOptions | None = None,
+    allow_implausible_suv: bool = False,
 ) -> tuple[ConversionSummary, DatasetSpec]:
     """Convert the autoPET I/II FDG release; returns the summary and the dataset's spec.
 
@@ -159,6 +160,7 @@ def convert_autopet_fdg(
                     "label": study / "SEG.nii.gz",
                     "mask_options": mask_options,
                     "metadata": {
+                        "allow_implausible_suv": allow_implausible_suv,
                         "patient": study.parent.name,
                         "study_date": date,
                         "tracer": "FDG",
@@ -187,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         args.input_dir, args.dataset_id, args.name, args.raw_dir, pet_norm=args.pet_norm,
         num_processes=args.num_processes, overwrite=args.overwrite, progress=not args.no_progress,
         mask_options=MaskOptions.from_args(args),
+        allow_implausible_suv=args.allow_implausible_suv,
     )  # fmt: skip
     return report(summary, spec, args)
 

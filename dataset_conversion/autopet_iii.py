@@ -46,6 +46,7 @@ def convert_autopet_iii(
     overwrite: bool = False,
     progress: bool = True,
     mask_options: MaskOptions | None = None,
+    allow_implausible_suv: bool = False,
 ) -> tuple[ConversionSummary, DatasetSpec]:
     """Convert the autoPET III/IV release (``tracer``: ``fdg``, ``psma`` or ``both``).
 
@@ -108,6 +109,7 @@ def convert_autopet_iii(
                     "label": labels / f"{original}{FILE_ENDING}",
                     "mask_options": mask_options,
                     "metadata": {
+                        "allow_implausible_suv": allow_implausible_suv,
                         "patient": patient,
                         "study_date": date,
                         "tracer": tracer_name,
@@ -142,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         args.input_dir, args.dataset_id, args.name, args.raw_dir, tracer=args.tracer, pet_norm=args.pet_norm,
         num_processes=args.num_processes, overwrite=args.overwrite, progress=not args.no_progress,
         mask_options=MaskOptions.from_args(args),
+        allow_implausible_suv=args.allow_implausible_suv,
     )  # fmt: skip
     return report(summary, spec, args)
 

@@ -60,6 +60,7 @@ def convert_hecktor(
     overwrite: bool = False,
     progress: bool = True,
     mask_options: MaskOptions | None = None,
+    allow_implausible_suv: bool = False,
 ) -> tuple[ConversionSummary, DatasetSpec]:
     """Convert a HECKTOR training folder (see the module docstring for the layout); ``mask_options``:
     lesion accounting, ``--mask-threshold`` and CT coverage (:class:`MaskOptions`)."""
@@ -107,6 +108,7 @@ def convert_hecktor(
                     "label": candidates[0],
                     "mask_options": mask_options,
                     "metadata": {
+                        "allow_implausible_suv": allow_implausible_suv,
                         "patient": hecktor_id,
                         "tracer": "FDG",
                         "scanner": f"centre {hecktor_id.split('-')[0]}",
@@ -134,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         args.input_dir, args.dataset_id, args.name, args.raw_dir, pet_norm=args.pet_norm,
         num_processes=args.num_processes, overwrite=args.overwrite, progress=not args.no_progress,
         mask_options=MaskOptions.from_args(args),
+        allow_implausible_suv=args.allow_implausible_suv,
     )  # fmt: skip
     return report(summary, spec, args)
 

@@ -214,3 +214,37 @@ def test_nifti_ct_outside_the_pet_and_lost_lesion_fail_unless_allowed(tmp_path, 
     assert _convert_nifti(tmp_path / "lost", raw, 316, "--allow-lesion-loss") == 0
     row = _metadata(raw / "Dataset316_Masks")["c2"]
     assert "lesion loss accepted (--allow-lesion-loss)" in row["warnings"] and row["n_lesions"] == "2"
+
+
+def test_autopet_pet_in_bq_ml_fails_unless_implausible_suv_is_allowed(tmp_path, capsys):
+    """A PET channel that is really Bq/ml (SUVmax in the thousands) is refused; the opt-in records it."""
+    source = h.make_autopet_iii(tmp_path / "download")
+    pet_path = source / "imagesTr" / "psma_a1b2c3d4e5f60718_2017-11-30_0001.nii.gz"
+    pet = sitk.ReadImage(str(pet_path))
+    sitk.WriteImage(pet * 5000.0, str(pet_path), useCompression=True)  # Bq/ml, not SUV
+    raw = tmp_path / "raw"
+    args = ["convert", "autopet", str(source), "-d", "226", "-n", "PSMA", "-o", str(raw), "--tracer", "psma",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 1
+    out = capsys.readouterr()
+    assert "psma_a1b2c3d4e5f60718_20171130" in out.out + out.err and "implausible SUV" in out.out + out.err
+    assert "psma_a1b2c3d4e5f60718_20171130" not in _metadata(raw / "Dataset226_PSMA")
+    assert main([*args, "--allow-implausible-suv"]) == 0
+    row = _metadata(raw / "Dataset226_PSMA")["psma_a1b2c3d4e5f60718_20171130"]
+    assert "implausible SUV accepted (--allow-implausible-suv)" in row["warnings"]
+
+
+def test_hecktor_pet_in_bq_ml_fails_unless_implausible_suv_is_allowed(tmp_path, capsys):
+    source = tmp_path / "hecktor" / "training"
+    h.write_image(h.ct_volume(), source / "imagesTr" / "CHUM-001__CT.nii.gz", h.CT_SPACING, h.CT_ORIGIN)
+    h.write_image(h.pet_suv_volume() * 5000.0, source / "imagesTr" / "CHUM-001__PT.nii.gz", h.PET_SPACING,
+                  h.PET_ORIGIN)  # Bq/ml read as SUV  # fmt: skip
+    h.write_image(h.lesion_mask(h.CT_SHAPE, h.CT_SPACING, h.CT_ORIGIN), source / "labelsTr" / "CHUM-001.nii.gz",
+                  h.CT_SPACING, h.CT_ORIGIN)  # fmt: skip
+    raw = tmp_path / "raw"
+    args = ["convert", "hecktor", str(source), "-d", "603", "-n", "HECKTOR", "-o", str(raw), "--no-progress"]
+    assert main(args) == 1
+    assert "implausible SUV" in "".join(capsys.readouterr())
+    assert main([*args, "--allow-implausible-suv"]) == 0
+    row = _metadata(raw / "Dataset603_HECKTOR")["CHUM-001"]
+    assert "implausible SUV accepted (--allow-implausible-suv)" in row["warnings"]
