@@ -411,8 +411,18 @@ def test_compare_end_to_end_equals_a_float64_loop_oracle(tmp_path, capsys, defin
             cell = f"{a['ccc']['ccc']:.3f}"
             # and its own Delta: the header showed the reference's Delta only, while each trainer's
             # TOST used the mean GT of its own included cases (Dmax: A 4 cases, B 5)
+            # the percent bias over fewer pairs (mean 0 left out) and the absolute-error test over fewer
+            # cases (either trainer undefined) say how many they used
+            extra = [f"(n = {ba['percent']['n']})"] if ba["percent"]["n"] != a["n"] else []
+            test = a.get("absolute_error_test")
+            if test is not None and test["n_dropped"]:
+                extra.append(f"({test['n_pairs']} pairs) |")
             assert any(line.startswith(f"| {t} | {a['n']} (") and cell in line and f"{ba['bias']:.3f} [" in line
-                       and f"| {a['delta']:.3f} |" in line for line in report.splitlines()), (biomarker, t)  # fmt: skip
+                       and f"| {a['delta']:.3f} |" in line and all(e in line for e in extra)
+                       for line in report.splitlines()), (biomarker, t)  # fmt: skip
+    tla = summary["agreement"]["biomarkers"]["tla"]["trainers"]
+    assert (tla["A"]["bland_altman"]["percent"]["n"], tla["B"]["bland_altman"]["percent"]["n"]) == (6, 5)
+    assert summary["agreement"]["biomarkers"]["suv_max"]["trainers"]["B"]["absolute_error_test"]["n_pairs"] == 4
     dmax = summary["agreement"]["biomarkers"]["dmax"]["trainers"]
     assert dmax["A"]["n"] == 4 and dmax["B"]["n"] == 5 and dmax["A"]["delta"] != pytest.approx(dmax["B"]["delta"])
     assert "Bonferroni over a family of 6 tests (1 trainer(s) x 6 biomarkers)" in report

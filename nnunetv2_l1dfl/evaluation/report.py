@@ -313,8 +313,10 @@ def agreement_markdown(summary: dict) -> str:
         f"of +-Delta; TOST: equivalence within +-Delta, Delta = {margin:g} x |mean GT| of the trainer's "
         f"included cases (its own column: cases left out differ between trainers), alpha = {alpha} "
         f"(p and verdict). p abs err: one-sided Wilcoxon that the trainer's absolute errors are smaller "
-        f"than the reference's, Bonferroni over a family of {_family_size(agreement)}; * p < {alpha}. "
-        "Cases where the biomarker is undefined (no GT / no predicted lesion) are left out and counted.\n"
+        f"than the reference's, Bonferroni over a family of {_family_size(agreement)}; * p < {alpha}; "
+        "(k pairs) when cases were dropped because either trainer left the biomarker undefined. "
+        "Cases where the biomarker is undefined (no GT / no predicted lesion) are left out and counted; "
+        "Bias % is over the pairs whose mean is not 0, (n = k) when that leaves fewer.\n"
     )
     header = ["Trainer", "n (no GT / no pred)", "CCC [95 % CI]", "Bias [LoA]", "Bias % [LoA]", "TDI (upper)",
               "Delta", "CP(±Delta)", "TOST p", "Equivalent", "p abs err"]  # fmt: skip
@@ -330,11 +332,14 @@ def agreement_markdown(summary: dict) -> str:
                 p = ""
             else:
                 p = fmt_p(test["p_bonferroni"]) + (" *" if test["significant"] else "")
+                if test["n_dropped"]:  # a case either trainer left undefined is not compared
+                    p += f" ({test['n_pairs']} pairs)"
             rows.append(
                 [trainer, f"{a['n']} ({a['n_excluded_no_gt']} / {a['n_excluded_no_pred']})",
                  _interval(a["ccc"]["ccc"], a["ccc"]["ci_low"], a["ccc"]["ci_high"], 3),
                  _interval(ba["bias"], ba["loa_low"], ba["loa_high"], 3),
-                 _interval(pct["bias"], pct["loa_low"], pct["loa_high"], 1),
+                 _interval(pct["bias"], pct["loa_low"], pct["loa_high"], 1)
+                 + (f" (n = {pct['n']})" if pct["n"] != a["n"] else ""),
                  f"{fmt(tdi['tdi'], 3)} ({fmt(tdi['tdi_upper'], 3)})", fmt(a["delta"], 3),
                  fmt(a["coverage_probability"]["cp"], 3), fmt_p(tost["p_value"]),
                  ("yes" if tost["equivalent"] else "no") if not _is_missing(tost["p_value"]) else "n/a", p]
