@@ -274,3 +274,34 @@ def test_converted_dataset_matches_the_truth(cohort, tmp_path, nnunet_env):
         assert int(row["n_lesions"]) == t["n_lesions"]
         for lesion in t["lesions"]:
             assert suv[lesions == lesion["label"]].max() == pytest.approx(lesion["suv_max"], rel=0.01)
+
+
+def test_heldout_studies_are_new_patients_outside_the_cohort(tmp_path):
+    """--heldout N: test studies of further patients, outside dicom/ (the converter never sees them);
+    the cohort itself is the one written without --heldout."""
+    from nnunetv2_l1dfl.phantom.cohort import plan_heldout
+
+    out = tmp_path / "cohort"
+    assert l1dfl_main(["phantom", str(out), "--cases", "4", "--heldout", "2", "--size", "small", "--seed", "5"]) == 0
+    index = load_cohort(out)
+    assert index["parameters"]["n_heldout"] == 2 and len(index["studies"]) == 4
+    held = index["heldout_studies"]
+    cohort_patients = {s["patient_id"] for s in index["studies"]}
+    assert len(held) == 2 and not cohort_patients & {s["patient_id"] for s in held}
+    assert len({s["patient_id"] for s in held}) == 2
+    for study in held:
+        assert (out / study["dicom"] / "PET").is_dir() and study["dicom"].startswith("heldout_dicom/")
+        truth = json.loads((out / study["truth"] / "truth.json").read_text())
+        assert truth["n_lesions"] == study["n_lesions"] >= 1
+        assert not (out / "dicom" / study["study_folder"]).exists()
+    studies_in_dicom = {p.parent.name + "/" + p.name for p in (out / "dicom").glob("*/*")}
+    assert studies_in_dicom == {s["study_folder"] for s in index["studies"]}
+    with (out / "phantom_lesions.csv").open() as f:  # the cohort's lesions only
+        assert len(list(csv.DictReader(f))) == sum(s["n_lesions"] for s in index["studies"])
+    # the cohort's DICOM is byte for byte the one written without held-out studies
+    plain = tmp_path / "plain"
+    assert l1dfl_main(["phantom", str(plain), "--cases", "4", "--size", "small", "--seed", "5"]) == 0
+    assert _tree_digest(plain / "dicom") == _tree_digest(out / "dicom")
+    # other held-out counts are other parameters: refused without --overwrite
+    assert l1dfl_main(["phantom", str(out), "--cases", "4", "--heldout", "3", "--size", "small", "--seed", "5"]) == 1
+    assert [s.patient_id for s in plan_heldout(2, 4, 5, "small")] == [s["patient_id"] for s in held]

@@ -15,7 +15,7 @@ def phantom_entry(args: argparse.Namespace) -> int:
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every copied module at INFO
     try:
         summary = generate_cohort(args.out_dir, n_cases=args.cases, seed=args.seed, size=args.size,
-                                  overwrite=args.overwrite, workers=args.np)
+                                  overwrite=args.overwrite, workers=args.np, heldout=args.heldout)
     except (CohortError, PhantomError, ValueError) as e:
         print(f"l1dfl phantom: error: {e}")
         return 1
@@ -23,6 +23,9 @@ def phantom_entry(args: argparse.Namespace) -> int:
     print(f"phantom cohort: {len(summary.studies)} studies of {n_patients} patients, {summary.n_lesions} lesions "
           f"({summary.generated} written, {summary.reused} kept) in {summary.out_dir} [{summary.seconds:.1f} s]; "
           f"convert with: l1dfl convert dicom {summary.out_dir / 'dicom'} -d ID -n NAME")
+    if summary.heldout_studies:
+        print(f"held-out test studies: {len(summary.heldout_studies)} of further patients in "
+              f"{summary.out_dir / 'heldout_dicom'} (not part of dicom/; for 'l1dfl predict')")
     return 0
 
 
@@ -53,5 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", choices=sorted(SIZE_PRESETS), default="default", help=f"image sizes: {sizes}")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a phantom cohort made with other parameters in OUT_DIR")
+    parser.add_argument("--heldout", type=int, default=0,
+                        help="also write this many test studies of further patients (none of them in the cohort) "
+                             "to OUT_DIR/heldout_dicom and OUT_DIR/heldout_truth, e.g. for 'l1dfl predict'")
     parser.add_argument("-np", type=int, default=1, help="worker processes")
     parser.set_defaults(func=phantom_entry)

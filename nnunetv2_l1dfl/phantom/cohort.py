@@ -246,49 +246,68 @@ def plan_cohort(n_studies: int, seed: int, size: str = "default") -> list[StudyS
     if size not in SIZE_PRESETS:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZE_PRESETS)}")
     preset = SIZE_PRESETS[size]
-    specs: list[StudySpec] = []
     first_dates: dict[int, dt.date] = {}
-    for ordinal, (p, k) in enumerate(study_layout(n_studies)):
-        prng = _rng(seed, _PURPOSE_PATIENT, p)
-        height = float(np.clip(prng.normal(1.76, 0.07), 1.60, 1.95))
-        bmi = float(np.clip(prng.normal(27.0, 3.5), 19.0, 38.0))
-        age = int(prng.integers(55, 81))
-        anatomy = _patient_anatomy(prng, bmi, height)
-        first_date = dt.date(2019, 1, 7) + dt.timedelta(days=int(prng.integers(0, 1400)))
-        first_dates.setdefault(p, first_date)
+    return [_study_spec(ordinal, p, k, seed, preset, first_dates)
+            for ordinal, (p, k) in enumerate(study_layout(n_studies))]
 
-        srng = _rng(seed, _PURPOSE_STUDY, p, k)
-        study_date = first_date if k == 0 else first_date + dt.timedelta(days=int(srng.integers(90, 400)))
-        weight = round(bmi * height**2 * (1.0 + (0.0 if k == 0 else srng.normal(0, 0.03))), 1)
-        injection = dt.datetime.combine(study_date, dt.time(8, 0)) + dt.timedelta(seconds=int(srng.integers(0, 5 * 3600)))
-        uptake_s = int(np.clip(srng.normal(120.0, 8.0), 100.0, 145.0) * 60)
-        dose_bq = round(float(np.clip(srng.normal(330.0, 25.0), 250.0, 400.0)), 1) * 1e6
-        shift = (float(srng.normal(0, 4)), float(srng.normal(0, 5)), float(srng.uniform(-900.0, -700.0)))
 
-        if ordinal == 0:
-            n_lesions = 1
-        elif ordinal == 1:
-            n_lesions = 3
-        else:
-            n_lesions = int(srng.choice(np.arange(1, 6), p=LESION_COUNT_PROBABILITIES))
-        sites = list(LESION_SITE_PROBABILITIES)
-        chosen = srng.choice(sites, size=n_lesions, p=list(LESION_SITE_PROBABILITIES.values()))
-        volumes = sample_lesion_volumes_ml(srng, n_lesions, preset.lesion_volume_range_ml)
-        suv_max = sample_lesion_suv_max(srng, n_lesions)
-        lesions = []
-        for site, vol, smax in zip(chosen, volumes, suv_max):
-            hu = float(srng.uniform(450, 900)) if site == "bone" else float(srng.normal(38, 6))
-            lesions.append(LesionSpec(str(site), round(float(vol), 3), round(float(smax), 2), round(hu, 1)))
+def plan_heldout(n_heldout: int, n_studies: int, seed: int, size: str = "default") -> list[StudySpec]:
+    """``n_heldout`` further studies of new patients, none of whom is in ``plan_cohort(n_studies, ...)``
+    (first scans only, patient numbers after the cohort's): test studies a model trained on that
+    cohort has never seen. Drawn exactly like the cohort's studies (same anatomy, uptake and lesion
+    distributions); ordinals continue after the cohort's."""
+    if n_heldout < 0:
+        raise ValueError(f"the number of held-out studies must be >= 0, got {n_heldout}")
+    if size not in SIZE_PRESETS:
+        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZE_PRESETS)}")
+    preset = SIZE_PRESETS[size]
+    n_patients = len({p for p, _ in study_layout(n_studies)})
+    first_dates: dict[int, dt.date] = {}
+    return [_study_spec(n_studies + j, n_patients + j, 0, seed, preset, first_dates) for j in range(n_heldout)]
 
-        specs.append(StudySpec(
-            ordinal=ordinal, patient_index=p, study_index=k,
-            patient_id=f"PHANTOM-{p + 1:03d}", patient_name=f"Phantom^Patient{p + 1:03d}",
-            birth_date=dt.date(first_date.year - age, 1 + p % 12, 1 + p % 28), age_years=age,
-            height_m=round(height, 2), weight_kg=float(weight),
-            injection_datetime=injection, series_datetime=injection + dt.timedelta(seconds=uptake_s),
-            injected_dose_bq=dose_bq, half_life_s=F18_HALF_LIFE_S, tracer=TRACER,
-            anatomy=replace(anatomy, table_shift_mm=shift), lesions=tuple(lesions),
-            mask_format="SEG" if ordinal % 4 == 3 else "RTSTRUCT",
-            render_entropy=(int(seed), _PURPOSE_RENDER, p, k),
-        ))
-    return specs
+
+def _study_spec(ordinal: int, p: int, k: int, seed: int, preset: SizePreset,
+                first_dates: dict[int, dt.date]) -> StudySpec:
+    """Study ``k`` of patient ``p`` (the ``ordinal``-th study written)."""
+    prng = _rng(seed, _PURPOSE_PATIENT, p)
+    height = float(np.clip(prng.normal(1.76, 0.07), 1.60, 1.95))
+    bmi = float(np.clip(prng.normal(27.0, 3.5), 19.0, 38.0))
+    age = int(prng.integers(55, 81))
+    anatomy = _patient_anatomy(prng, bmi, height)
+    first_date = dt.date(2019, 1, 7) + dt.timedelta(days=int(prng.integers(0, 1400)))
+    first_dates.setdefault(p, first_date)
+
+    srng = _rng(seed, _PURPOSE_STUDY, p, k)
+    study_date = first_date if k == 0 else first_date + dt.timedelta(days=int(srng.integers(90, 400)))
+    weight = round(bmi * height**2 * (1.0 + (0.0 if k == 0 else srng.normal(0, 0.03))), 1)
+    injection = dt.datetime.combine(study_date, dt.time(8, 0)) + dt.timedelta(seconds=int(srng.integers(0, 5 * 3600)))
+    uptake_s = int(np.clip(srng.normal(120.0, 8.0), 100.0, 145.0) * 60)
+    dose_bq = round(float(np.clip(srng.normal(330.0, 25.0), 250.0, 400.0)), 1) * 1e6
+    shift = (float(srng.normal(0, 4)), float(srng.normal(0, 5)), float(srng.uniform(-900.0, -700.0)))
+
+    if ordinal == 0:
+        n_lesions = 1
+    elif ordinal == 1:
+        n_lesions = 3
+    else:
+        n_lesions = int(srng.choice(np.arange(1, 6), p=LESION_COUNT_PROBABILITIES))
+    sites = list(LESION_SITE_PROBABILITIES)
+    chosen = srng.choice(sites, size=n_lesions, p=list(LESION_SITE_PROBABILITIES.values()))
+    volumes = sample_lesion_volumes_ml(srng, n_lesions, preset.lesion_volume_range_ml)
+    suv_max = sample_lesion_suv_max(srng, n_lesions)
+    lesions = []
+    for site, vol, smax in zip(chosen, volumes, suv_max):
+        hu = float(srng.uniform(450, 900)) if site == "bone" else float(srng.normal(38, 6))
+        lesions.append(LesionSpec(str(site), round(float(vol), 3), round(float(smax), 2), round(hu, 1)))
+
+    return StudySpec(
+        ordinal=ordinal, patient_index=p, study_index=k,
+        patient_id=f"PHANTOM-{p + 1:03d}", patient_name=f"Phantom^Patient{p + 1:03d}",
+        birth_date=dt.date(first_date.year - age, 1 + p % 12, 1 + p % 28), age_years=age,
+        height_m=round(height, 2), weight_kg=float(weight),
+        injection_datetime=injection, series_datetime=injection + dt.timedelta(seconds=uptake_s),
+        injected_dose_bq=dose_bq, half_life_s=F18_HALF_LIFE_S, tracer=TRACER,
+        anatomy=replace(anatomy, table_shift_mm=shift), lesions=tuple(lesions),
+        mask_format="SEG" if ordinal % 4 == 3 else "RTSTRUCT",
+        render_entropy=(int(seed), _PURPOSE_RENDER, p, k),
+    )

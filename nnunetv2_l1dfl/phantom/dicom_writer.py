@@ -459,9 +459,18 @@ def write_seg(spec: StudySpec, rendered: RenderedStudy, uids: StudyUIDs, pet_dat
         content_time=when.time(),
         series_description="Lesion segmentation (synthetic)",
     )
-    # highdicom stamps the current time; keep files reproducible.
+    # highdicom stamps the current time and draws a fresh dimension organization UID; keep files
+    # reproducible (the same seed gives the same bytes).
     seg.InstanceCreationDate = _date(when)
     seg.InstanceCreationTime = _time(when)
+    for item in seg.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = f"{_date(when)}{_time(when)}"
+    dimension_uid = make_uid(uids.mask_instance, "dimension-organization")
+    for sequence in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+        for item in seg.get(sequence, []):
+            if "DimensionOrganizationUID" in item:
+                item.DimensionOrganizationUID = dimension_uid
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path, enforce_file_format=True)
     return [{"segment_number": i, "segment_label": d.SegmentLabel, "type": "lesion",

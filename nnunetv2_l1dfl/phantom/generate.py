@@ -10,6 +10,8 @@ Layout of ``OUT_DIR``::
     truth/<PatientID>/<YYYYMMDD>_PSMA/truth.json              SUV scale, timing, lesions (centre, ml, SUVmax...)
                                      /suv_bw.nii.gz           SUVbw on the PET grid as a reader decodes it
                                      /lesion_mask.nii.gz      lesion i has value i (PET grid, uint8)
+    heldout_dicom/..., heldout_truth/...                      with --heldout N: test studies of N further
+                                                              patients, laid out as dicom/ and truth/
 
 ``OUT_DIR/dicom`` holds nothing but DICOM: point the converter there
 (``l1dfl convert dicom OUT_DIR/dicom -d ID -n NAME``). Each study is built in a hidden staging
@@ -25,7 +27,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ import numpy as np
 
 from nnunetv2_l1dfl import __version__
 from nnunetv2_l1dfl.phantom.anatomy import Grid
-from nnunetv2_l1dfl.phantom.cohort import SIZE_PRESETS, StudySpec, plan_cohort
+from nnunetv2_l1dfl.phantom.cohort import SIZE_PRESETS, StudySpec, plan_cohort, plan_heldout
 from nnunetv2_l1dfl.phantom.render import PlacedLesion
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ COHORT_INDEX = "phantom_cohort.json"
 LESION_TABLE = "phantom_lesions.csv"
 DICOM_DIR = "dicom"
 TRUTH_DIR = "truth"
+HELDOUT_DICOM_DIR = "heldout_dicom"
+"""Held-out test studies (``--heldout N``): new patients, outside ``dicom/``, so never converted with it."""
+HELDOUT_TRUTH_DIR = "heldout_truth"
 TRUTH_JSON = "truth.json"
 STAGING = ".phantom_staging"
 GENERATOR_VERSION = 1  # bump when the same seed would give different images
@@ -58,14 +63,18 @@ class CohortSummary:
     generated: int
     reused: int
     seconds: float
+    heldout_studies: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def n_lesions(self) -> int:
         return sum(s["n_lesions"] for s in self.studies)
 
 
-def _parameters(n_cases: int, seed: int, size: str) -> dict[str, Any]:
-    return {"n_cases": int(n_cases), "seed": int(seed), "size": size, "generator_version": GENERATOR_VERSION}
+def _parameters(n_cases: int, seed: int, size: str, n_heldout: int = 0) -> dict[str, Any]:
+    parameters = {"n_cases": int(n_cases), "seed": int(seed), "size": size, "generator_version": GENERATOR_VERSION}
+    if n_heldout:  # absent when 0, so cohorts written before held-out studies existed still match
+        parameters["n_heldout"] = int(n_heldout)
+    return parameters
 
 
 def _lesion_truth(index: int, placed: PlacedLesion, spec: StudySpec, suv: np.ndarray, grid: Grid,
@@ -169,13 +178,14 @@ def build_study(spec: StudySpec, size: str, dicom_dir: Path, truth_dir: Path) ->
     return truth
 
 
-def _build_into_place(spec: StudySpec, size: str, out_dir: Path) -> dict[str, Any]:
+def _build_into_place(spec: StudySpec, size: str, out_dir: Path, parts: tuple[str, str] = (DICOM_DIR, TRUTH_DIR)
+                      ) -> dict[str, Any]:
     staging = out_dir / STAGING / f"{spec.ordinal:04d}"
     if staging.exists():
         shutil.rmtree(staging)
     truth = build_study(spec, size, staging / DICOM_DIR, staging / TRUTH_DIR)
-    for part in (DICOM_DIR, TRUTH_DIR):  # truth last: a study is finished when its truth.json is in place
-        final = out_dir / part / spec.study_folder
+    for part, final_part in zip((DICOM_DIR, TRUTH_DIR), parts):  # truth last: a study is finished when its truth.json is in place
+        final = out_dir / final_part / spec.study_folder
         if final.exists():
             shutil.rmtree(final)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -184,11 +194,11 @@ def _build_into_place(spec: StudySpec, size: str, out_dir: Path) -> dict[str, An
     return truth
 
 
-def _study_row(truth: dict[str, Any]) -> dict[str, Any]:
+def _study_row(truth: dict[str, Any], parts: tuple[str, str] = (DICOM_DIR, TRUTH_DIR)) -> dict[str, Any]:
     return {"patient_id": truth["patient_id"], "study_folder": truth["study_folder"],
             "study_date": truth["study_date"], "mask_format": truth["mask_format"],
             "n_lesions": truth["n_lesions"], "tmtv_ml": truth["tmtv_ml"],
-            "dicom": f"{DICOM_DIR}/{truth['study_folder']}", "truth": f"{TRUTH_DIR}/{truth['study_folder']}"}
+            "dicom": f"{parts[0]}/{truth['study_folder']}", "truth": f"{parts[1]}/{truth['study_folder']}"}
 
 
 def load_truth(out_dir: str | Path, study_folder: str) -> dict[str, Any]:
@@ -221,7 +231,7 @@ def _check_out_dir(out_dir: Path, parameters: dict[str, Any], overwrite: bool) -
         raise CohortError(f"{out_dir} holds a phantom cohort made with {existing.get('parameters')}, not {parameters}; "
                           "use another folder or --overwrite to replace it")
     logger.info("removing the previous cohort in %s (--overwrite)", out_dir)
-    for name in (DICOM_DIR, TRUTH_DIR, COHORT_INDEX, LESION_TABLE, STAGING):
+    for name in (DICOM_DIR, TRUTH_DIR, HELDOUT_DICOM_DIR, HELDOUT_TRUTH_DIR, COHORT_INDEX, LESION_TABLE, STAGING):
         target = out_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -230,8 +240,14 @@ def _check_out_dir(out_dir: Path, parameters: dict[str, Any], overwrite: bool) -
 
 
 def generate_cohort(out_dir: str | Path, n_cases: int = 20, seed: int = 0, size: str = "default",
-                    overwrite: bool = False, workers: int = 1, progress: bool = True) -> CohortSummary:
+                    overwrite: bool = False, workers: int = 1, progress: bool = True,
+                    heldout: int = 0) -> CohortSummary:
     """Write ``n_cases`` studies (DICOM + truth) into ``out_dir``; returns what was written.
+
+    ``heldout`` > 0 adds that many test studies of further patients (:func:`~.cohort.plan_heldout`)
+    under ``heldout_dicom/`` and ``heldout_truth/``, outside ``dicom/``: a model trained on the
+    converted ``dicom/`` has never seen them. They are listed under ``heldout_studies`` in the
+    index (not in ``studies``, the statistics or ``phantom_lesions.csv``).
 
     Reproducible: the same (n_cases, seed, size) gives the same files. Finished studies of an
     interrupted run with the same parameters are kept; a folder holding anything else is refused
@@ -243,9 +259,12 @@ def generate_cohort(out_dir: str | Path, n_cases: int = 20, seed: int = 0, size:
     if size not in SIZE_PRESETS:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZE_PRESETS)}")
     out_dir = Path(out_dir)
-    parameters = _parameters(n_cases, seed, size)
+    parameters = _parameters(n_cases, seed, size, heldout)
     _check_out_dir(out_dir, parameters, overwrite)
     specs = plan_cohort(n_cases, seed, size)
+    held = plan_heldout(heldout, n_cases, seed, size)
+    held_parts = (HELDOUT_DICOM_DIR, HELDOUT_TRUTH_DIR)
+    parts_of = {spec.ordinal: (DICOM_DIR, TRUTH_DIR) for spec in specs} | {spec.ordinal: held_parts for spec in held}
     out_dir.mkdir(parents=True, exist_ok=True)
     index_path = out_dir / COHORT_INDEX
     _write_json(index_path, {"generator": "nnunetv2_l1dfl.phantom", "package_version": __version__,
@@ -254,24 +273,27 @@ def generate_cohort(out_dir: str | Path, n_cases: int = 20, seed: int = 0, size:
     start = time.perf_counter()
     truths: dict[int, dict[str, Any]] = {}
     todo = []
-    for spec in specs:
-        truth_path = out_dir / TRUTH_DIR / spec.study_folder / TRUTH_JSON
-        if truth_path.is_file() and (out_dir / DICOM_DIR / spec.study_folder).is_dir():
+    for spec in specs + held:
+        dicom_part, truth_part = parts_of[spec.ordinal]
+        truth_path = out_dir / truth_part / spec.study_folder / TRUTH_JSON
+        if truth_path.is_file() and (out_dir / dicom_part / spec.study_folder).is_dir():
             truths[spec.ordinal] = json.loads(truth_path.read_text(encoding="utf-8"))
         else:
             todo.append(spec)  # _build_into_place replaces any incomplete leftovers
-    bar = tqdm(total=len(specs), initial=len(truths), desc="phantom studies", unit="study", disable=not progress)
+    bar = tqdm(total=len(specs) + len(held), initial=len(truths), desc="phantom studies", unit="study",
+               disable=not progress)
     if workers > 1 and len(todo) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_build_into_place, spec, size, out_dir): spec for spec in todo}
+            futures = {pool.submit(_build_into_place, spec, size, out_dir, parts_of[spec.ordinal]): spec
+                       for spec in todo}
             for future, spec in futures.items():
                 truths[spec.ordinal] = future.result()
                 bar.update(1)
     else:
         for spec in todo:
-            truths[spec.ordinal] = _build_into_place(spec, size, out_dir)
+            truths[spec.ordinal] = _build_into_place(spec, size, out_dir, parts_of[spec.ordinal])
             bar.update(1)
     bar.close()
     staging = out_dir / STAGING
@@ -280,14 +302,18 @@ def generate_cohort(out_dir: str | Path, n_cases: int = 20, seed: int = 0, size:
 
     ordered = [truths[spec.ordinal] for spec in specs]
     studies = [_study_row(t) for t in ordered]
+    heldout_studies = [_study_row(truths[spec.ordinal], held_parts) for spec in held]
     _write_lesion_table(out_dir / LESION_TABLE, ordered)
-    _write_json(index_path, {
+    index = {
         "generator": "nnunetv2_l1dfl.phantom", "package_version": __version__, "parameters": parameters,
         "complete": True, "size_description": SIZE_PRESETS[size].description,
         "statistics": cohort_statistics(ordered), "studies": studies,
-    })
-    return CohortSummary(out_dir, studies, generated=len(todo), reused=len(specs) - len(todo),
-                         seconds=time.perf_counter() - start)
+    }
+    if held:
+        index["heldout_studies"] = heldout_studies
+    _write_json(index_path, index)
+    return CohortSummary(out_dir, studies, generated=len(todo), reused=len(specs) + len(held) - len(todo),
+                         seconds=time.perf_counter() - start, heldout_studies=heldout_studies)
 
 
 def cohort_statistics(truths: list[dict[str, Any]]) -> dict[str, Any]:
