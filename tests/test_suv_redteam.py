@@ -575,6 +575,14 @@ REFUSED = {
         {"units": "CNTS", "private_creator": "Philips PET Private Group", "private": {(0x7053, 0x1000): ("LO", "abc")}},
         r"unreadable Philips SUV scale factor \(7053,1000\)",
     ),
+    "two slices at one position": (
+        lambda ds, rp, k: setattr(ds, "ImagePositionPatient", ["0", "0", "8"]) if k == 3 else None,
+        r"pet_003.dcm: same ImagePositionPatient \(0020,0032\)",
+    ),
+    "a slice of another series": (
+        lambda ds, rp, k: setattr(ds, "SeriesInstanceUID", "1.2.3.4") if k == 2 else None,
+        r"pet_002.dcm: SeriesInstanceUID \(0020,000E\) '1.2.3.4' differs",
+    ),
     "Philips factor missing on a slice": (
         {"units": "CNTS", "private_creator": "Philips PET Private Group", "private": {(0x7053, 0x1000): ("DS", "0.0003")},
          "_change": lambda ds, rp, k: ds.__delitem__((0x7053, 0x1000)) if k == 3 else None},
@@ -621,6 +629,19 @@ def test_valid_but_unusual_headers_give_the_same_suv(tmp_path, name):
         for k, path in enumerate(files):
             path.rename(tmp_path / f"x{(k * 7) % len(files)}.dcm")
     _assert_suv(_suv(tmp_path), _expected_suv(_activity()))
+
+
+def test_decay_correction_none_frames_in_any_file_order_give_the_same_suv(tmp_path):
+    times = ["110000", "110000", "110500", "110500", "111000", "111000"]  # three beds
+    write_pet_series(tmp_path / "a", _activity(), decay_correction="NONE", acquisition_times=times)
+    expected = _suv(tmp_path / "a")
+    files = write_pet_series(tmp_path / "b", _activity(), decay_correction="NONE", acquisition_times=times)
+    for k, path in enumerate(files):
+        path.rename(path.with_name(f"x{(k * 5) % len(files)}.dcm"))
+    np.testing.assert_array_equal(_suv(tmp_path / "b"), expected)
+    # and the per-frame decay is applied: the last bed (10 min later) is corrected by 2**(600 / T)
+    flat = _suv(tmp_path / "a") / _activity()
+    assert flat[5].mean() / flat[0].mean() == pytest.approx(2 ** (600 / F18), rel=1e-3)
 
 
 @pytest.mark.parametrize("change, reason", [
