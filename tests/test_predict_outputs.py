@@ -271,3 +271,35 @@ def test_nifti_input_layout_and_missing_pet(tmp_path):
     discovery = discover_studies(folder)
     assert discovery.kind == "nifti" and [s.case_id for s in discovery.studies] == ["a"]
     assert "no PET channel b_0001" in discovery.failed["b"]
+
+
+def test_rtstruct_with_a_contour_beyond_64_kilobytes_stays_ds_and_reads_back(loaded, tmp_path):
+    """A comb-shaped lesion gives one contour of thousands of vertices (> 64 kB of ContourData, the
+    limit of explicit VR): the file is implicit VR, ContourData stays DS, the lesion reads back whole."""
+    import copy
+
+    from nnunetv2_l1dfl.conversion.dicom_series import FRAME_OF_REFERENCE_KEY
+
+    rows, cols = 12, 3000
+    headers = [copy.deepcopy(h) for h in loaded.pet_headers[:2]]
+    for h in headers:
+        h.Rows, h.Columns = rows, cols
+    reference = sitk.Image((cols, rows, 2), sitk.sitkFloat32)
+    reference.SetSpacing((1.0, 1.0, 3.0))
+    reference.SetOrigin([float(v) for v in headers[0].ImagePositionPatient])
+    reference.SetMetaData(FRAME_OF_REFERENCE_KEY, str(headers[0].FrameOfReferenceUID))
+    for k, h in enumerate(headers):
+        h.ImagePositionPatient = list(reference.TransformIndexToPhysicalPoint((0, 0, k)))
+        h.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        h.PixelSpacing = [1, 1]
+    instances = np.zeros((2, rows, cols), dtype=np.uint16)
+    instances[0, 2:6, 1:-1] = 1
+    instances[0, 6:10, 1:-1:2] = 1  # teeth one voxel wide, one apart
+    path = tmp_path / "rtstruct.dcm"
+    outputs.write_rtstruct(instances, headers, reference, path)
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    contour = ds.ROIContourSequence[0].ContourSequence[0]
+    assert len(contour.ContourData) * 8 > 65536 and contour.NumberOfContourPoints * 3 == len(contour.ContourData)
+    image, _ = rasterize_rtstruct(path, reference, roi_pattern="^Lesion 1$")
+    assert np.array_equal(sitk.GetArrayFromImage(image) > 0, instances == 1)

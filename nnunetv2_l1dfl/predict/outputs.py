@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RTSTRUCT_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.481.3"
+CONTOUR_DATA_TAG = 0x30060050
 # RTReferencedStudySequence: ReferencedSOPClassUID of a study (Detached Study Management, as written by TPS)
 STUDY_SOP_CLASS_UID = "1.2.840.10008.3.1.2.3.1"
 MANUFACTURER = "nnunetv2-l1dfl"
@@ -152,11 +153,23 @@ def lesion_contours(mask_zyx: np.ndarray) -> dict[int, list[np.ndarray]]:
             contour = contour - 1.0
             if len(contour) > 1 and np.allclose(contour[0], contour[-1]):
                 contour = contour[:-1]
+            contour = _drop_collinear(contour)
             if len(contour) >= 3:
                 polygons.append(contour)
         if polygons:
             out[int(k)] = polygons
     return out
+
+
+def _drop_collinear(polygon: np.ndarray) -> np.ndarray:
+    """The closed polygon without vertices that lie on the straight line through their neighbours
+    (marching squares put one on every voxel edge): the same polygon with far fewer points."""
+    if len(polygon) < 4:
+        return polygon
+    before = polygon - np.roll(polygon, 1, axis=0)
+    after = np.roll(polygon, -1, axis=0) - polygon
+    cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+    return polygon[np.abs(cross) > 1e-9]
 
 
 def _copy_patient_study(source: pydicom.Dataset, target: pydicom.Dataset) -> None:
@@ -190,9 +203,10 @@ def write_rtstruct(
     Raises :class:`EmptyPredictionError` when there is no lesion.
     """
     import pydicom
+    from pydicom.dataelem import DataElement
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian, generate_uid
 
     from nnunetv2_l1dfl import __version__
 
@@ -210,7 +224,8 @@ def write_rtstruct(
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RTSTRUCT_SOP_CLASS_UID
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # Implicit VR: 4-byte value lengths, so a contour of more than 64 kB of ContourData stays DS
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
     ds.file_meta = meta
@@ -274,7 +289,14 @@ def write_rtstruct(
                 contour.ContourImageSequence = DicomSequence([image_ref(headers[slice_index])])
                 contour.ContourGeometricType = "CLOSED_PLANAR"
                 contour.NumberOfContourPoints = len(points)
-                contour.ContourData = [_ds(v) for v in points.ravel()]
+                if np.abs(points).max() >= 1e7:
+                    raise ValueError(f"contour of lesion {k} lies beyond 1e7 mm: PET geometry is implausible")
+                # Built directly as strings of <= 16 characters (DS); pydicom's per-value conversion
+                # and validation would dominate the run time on large lesions.
+                contour[CONTOUR_DATA_TAG] = DataElement(
+                    CONTOUR_DATA_TAG, "DS", [_ds(v) for v in points.ravel()], already_converted=True,
+                    validation_mode=pydicom.config.IGNORE,
+                )  # fmt: skip
                 items.append(contour)
         roi_contour = Dataset()
         roi_contour.ROIDisplayColor = list(_ROI_COLOURS[(k - 1) % len(_ROI_COLOURS)])
