@@ -613,6 +613,7 @@ ACCEPTED = {
     "decay correction lowercase": {"decay_correction": "start"},
     "series time HHMM": {"SeriesTime": "1100"},
     "series time HH:MM:SS": {"SeriesTime": "11:00:00"},
+    "series time with an empty fraction": {"SeriesTime": "110000."},
     "injection date-time HHMM": {"RadiopharmaceuticalStartDateTime": "202401011000"},
     "frames out of order": {"_shuffle": True},
     "multi-bed acquisition times": {"acquisition_times": ["110000", "110000", "110500", "110500", "111000", "111000"]},

@@ -302,9 +302,9 @@ def _parse_date(text: str) -> dt.date:
 
 
 def _parse_time(text: str) -> dt.time:
-    """TM: HH, HHMM, HHMMSS, HHMMSS.FFFFFF, or the old HH:MM:SS."""
+    """TM: HH, HHMM, HHMMSS, HHMMSS.FFFFFF (also with an empty fraction, "HHMMSS."), or the old HH:MM:SS."""
     text = text.strip().replace(":", "")
-    match = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?", text)
+    match = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{0,6}))?", text)
     if not match:
         raise ValueError(f"not a DICOM time: {text!r}")
     hours, minutes, seconds, fraction = match.groups()
