@@ -180,7 +180,7 @@ def run_entry(args: argparse.Namespace) -> int:
         outcome = run_local(experiment, gpus=args.gpus, progress=not args.no_progress)
     except ExperimentError as e:
         return _fail("run", str(e))
-    except RunInterrupted:
+    except (RunInterrupted, KeyboardInterrupt):
         print(f"l1dfl experiment run: interrupted; running jobs were stopped. Run the same command again to "
               f"continue (interrupted trainings continue with --c): l1dfl experiment run {args.toml}",
               file=sys.stderr)

@@ -395,13 +395,19 @@ class TrainingProgress:
     validation_dice: float | None = None
     logs: int = 0
     first_epoch_of_last_log: int | None = None
+    num_epochs: int | None = None
 
 
 def training_progress(folder: Path) -> TrainingProgress:
-    """Epochs finished, best EMA pseudo Dice and mean validation Dice, from nnU-Net's training logs."""
+    """Epochs finished, best EMA pseudo Dice and mean validation Dice, from nnU-Net's training logs;
+    the epoch count from the ``debug.json`` nnU-Net writes when a training starts."""
     progress = TrainingProgress()
     if not folder.is_dir():
         return progress
+    try:
+        progress.num_epochs = int(json.loads((folder / "debug.json").read_text(encoding="utf-8"))["num_epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     for log in sorted(folder.glob("training_log_*.txt")):
         progress.logs += 1
         current, first = None, None

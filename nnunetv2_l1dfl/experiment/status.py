@@ -106,7 +106,7 @@ def experiment_status(experiment: Experiment) -> list[JobStatus]:
         all_done &= done
         progress = training_progress(folder)
         state, job_id = _state(experiment, job.key, done, slurm, progress.logs > 0)
-        total = trainers.get(job.trainer, {}).get("num_epochs")
+        total = progress.num_epochs or trainers.get(job.trainer, {}).get("num_epochs")
         epochs = f"{progress.epochs_done}/{total if total else '?'}"
         rows.append(JobStatus(job.key, job.label, state, epochs, progress.best_ema_dice, job_id))
     state, job_id = _state(experiment, COLLECT, all_done and collect_done(experiment, dataset), slurm, False)
