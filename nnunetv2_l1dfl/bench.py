@@ -28,7 +28,7 @@ hands the loss).
 ``--training`` instead times training iterations of nnUNetTrainerL1DFL against nnUNetTrainer on
 the same synthetic dataset and batches (:func:`run_training_comparison`).
 
-``--verify-cuda`` runs the GPU checks of :mod:`nnunetv2_l1dfl.kernels.verify_cuda` instead.
+``--verify-cuda`` runs the GPU checks of :mod:`nnunetv2_l1dfl.kernels.verify_cuda` instead (:func:`verify_cuda_main`).
 """
 
 from __future__ import annotations
@@ -674,9 +674,7 @@ def main(args: argparse.Namespace) -> int:
         print("l1dfl bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     if args.verify_cuda:
-        from nnunetv2_l1dfl.kernels.verify_cuda import main as verify_main
-
-        return verify_main(json_path=args.json)
+        return verify_cuda_main(json_path=args.json)
     threads = args.threads or (2 if device == "cpu" else None)
     if args.training:
         return _training_main(args, device, threads)
@@ -728,6 +726,42 @@ def main(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{r.shape} {r.time_ratio:.2f}x time" for r in fused) or "no ratio (dc_and_ce not run)"
     print(f"bench: {len(results)} measurements on {device}; fused L1DFL vs DC_and_CE_loss: {summary}")
     return 0
+
+
+def verify_cuda_main(json_path: str | None = None, device: str = "cuda",
+                     bench_shapes: tuple[str, ...] = ("cuda128", "3d_fullres")) -> int:
+    """``l1dfl bench --verify-cuda``: the checks of :mod:`nnunetv2_l1dfl.kernels.verify_cuda`, then the
+    speed comparison; one line per check; 0 when all pass. Lives here, not in ``verify_cuda``, so
+    that imports point one way (``bench -> kernels.verify_cuda``)."""
+    import torch
+
+    from nnunetv2_l1dfl.kernels.verify_cuda import kernel_vs_copy_time, run_checks
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("verify-cuda: no CUDA device available", file=sys.stderr)
+        return 2
+    checks = run_checks(dev)
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail} {json.dumps(check.numbers, default=str)}")
+    results = run_benchmark(list(bench_shapes), ["l1dfl_fused", "dc_and_ce"], device=device, repeats=20, warmup=3,
+                            progress=False)
+    print(format_table(results))
+    kernel = kernel_vs_copy_time(dev)
+    print(f"kernels alone (fwd + bwd) {kernel['fused_fwd_bwd_ms']:.3f} ms, copy of the logits {kernel['copy_ms']:.3f} ms, "
+          f"ratio {kernel['ratio_to_copy']:.2f}")  # fmt: skip
+    if json_path:
+        payload = {
+            "machine": machine_description(device),
+            "checks": [asdict(c) for c in checks],
+            "bench": [asdict(r) for r in results],
+            "kernel_vs_copy": kernel,
+        }
+        with open(json_path, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+    failed = [c.name for c in checks if not c.ok]
+    print(f"verify-cuda: {len(checks) - len(failed)}/{len(checks)} checks passed" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
 
 
 def _training_main(args: argparse.Namespace, device: str, threads: int | None) -> int:

@@ -203,8 +203,44 @@ def check_triton_no_host_sync() -> int:
     return 1 if failures else 0
 
 
+def check_triton_no_class_labels() -> int:
+    """Labels outside [0, C) that are not the ignore label make the Triton path's loss NaN (CUDA
+    cannot check them without a host sync); the same target with valid labels gives a finite loss,
+    and the ignore label itself stays allowed. 0 when all hold."""
+    import nnunetv2_l1dfl.kernels as kernels
+    from nnunetv2_l1dfl.kernels import FusedBinStatistics, cuda
+    from nnunetv2_l1dfl.losses.l1dfl import BinStatistics, L1DFLLoss
+
+    kernels.backend_for = lambda device: cuda  # CPU tensors take the Triton path (interpreter)
+    failures = 0
+    logits, target = make_case((2, 6, 5, 4), 3, n_per_unit=10, seed=5)
+    for focal in (True, False):
+        loss_fn = L1DFLLoss(backend="fused", focal=focal)
+        if not torch.isfinite(loss_fn(logits, target)):
+            failures += 1
+            print(f"NOT FINITE valid labels focal={focal}", file=sys.stderr)
+        for label, ignore in ((3, None), (255, None), (-1, None), (7, 255)):
+            bad = target.clone()
+            bad[1, 0, 3, 2, 1] = label
+            loss = L1DFLLoss(backend="fused", focal=focal, ignore_label=ignore)(logits, bad)
+            stats = BinStatistics(*FusedBinStatistics.apply(logits, bad, cuda, 10, 2.0, False, ignore))
+            if torch.isnan(loss) and torch.isnan(stats.union[1]).all() and torch.isnan(stats.focal_sum) \
+                    and torch.isfinite(stats.union[0]).all():  # only the sample holding the label
+                print(f"nan label={label} ignore={ignore} focal={focal}")
+            else:
+                failures += 1
+                print(f"NOT NAN label={label} ignore={ignore} focal={focal}: {loss}", file=sys.stderr)
+    ignored = target.clone()
+    ignored[1, 0, 3, 2, 1] = 255
+    if not torch.isfinite(L1DFLLoss(backend="fused", ignore_label=255)(logits, ignored)):
+        failures += 1
+        print("NOT FINITE with the ignore label", file=sys.stderr)
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
-    modes = {"triton": check_triton_interpreter, "triton-sync": check_triton_no_host_sync}
+    modes = {"triton": check_triton_interpreter, "triton-sync": check_triton_no_host_sync,
+             "triton-labels": check_triton_no_class_labels}
     if len(sys.argv) != 2 or sys.argv[1] not in modes:
         sys.exit(f"usage: TRITON_INTERPRET=1 python tests/_kernels_helpers.py {{{','.join(modes)}}}")
     sys.exit(modes[sys.argv[1]]())

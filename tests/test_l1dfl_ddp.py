@@ -1,4 +1,5 @@
-"""Under DDP, N ranks with L1DFLLoss(ddp=True) must equal one process on the concatenated batch.
+"""Under DDP, N ranks with L1DFLLoss(ddp=True), the default, must equal one process on the
+concatenated batch; ddp=False gives each rank its own histogram.
 
 DDP averages parameter gradients over ranks, so the quantities to compare are the mean of the
 rank losses and (gradient on each rank's logits) / world_size, against the single-process loss
@@ -15,10 +16,11 @@ import torch.multiprocessing as mp
 from nnunetv2_l1dfl import L1DFLLoss
 
 CONFIGS = {
-    "per_sample": {"bin_width": 0.1, "gamma": 2.0},
-    "batch_dice": {"bin_width": 0.1, "gamma": 2.0, "batch_dice": True},
-    "ignore_label": {"bin_width": 0.05, "gamma": 1.0, "ignore_label": 3},
-    "reference_backend": {"bin_width": 0.2, "gamma": 5.0, "backend": "reference", "batch_dice": True},
+    "per_sample": {"bin_width": 0.1, "gamma": 2.0},  # ddp left at its default (True)
+    "batch_dice": {"bin_width": 0.1, "gamma": 2.0, "batch_dice": True, "ddp": True},
+    "ignore_label": {"bin_width": 0.05, "gamma": 1.0, "ignore_label": 3, "ddp": True},
+    "reference_backend": {"bin_width": 0.2, "gamma": 5.0, "backend": "reference", "batch_dice": True, "ddp": True},
+    "ddp_off": {"bin_width": 0.1, "gamma": 2.0, "ddp": False},  # each rank its own histogram
 }
 
 
@@ -46,6 +48,15 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, repo_root, monkeypatch):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
     for name, kwargs in CONFIGS.items():
+        if name == "ddp_off":  # ddp=False: every rank is a process of its own, local histogram
+            for r, rank in enumerate(ranks):
+                x = logits[r * 2:(r + 1) * 2].clone().requires_grad_(True)
+                local = L1DFLLoss(**kwargs)(x, targets[name][r * 2:(r + 1) * 2])
+                local.backward()
+                torch.testing.assert_close(rank[name]["loss"], local.detach(), rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(rank[name]["grad"], x.grad, rtol=1e-5, atol=1e-8)
+            assert not torch.isclose(ranks[0][name]["loss"], ranks[0]["per_sample"]["loss"], rtol=1e-6)
+            continue
         x = logits.clone().requires_grad_(True)
         single = L1DFLLoss(**kwargs)(x, targets[name])
         single.backward()

@@ -338,3 +338,75 @@ def test_forward_does_not_mutate_module_state():
     loss(x, target)
     assert {k: v for k, v in vars(loss).items() if not k.startswith("_")} == {
         k: v for k, v in before.items() if not k.startswith("_")}
+
+
+def test_ddp_defaults_to_true_and_changes_nothing_without_a_process_group():
+    """Like nnU-Net's MemoryEfficientSoftDiceLoss: ddp=True by default, effective only under an
+    initialized process group (tests/test_l1dfl_ddp.py covers two gloo ranks, default and False)."""
+    assert L1DFLLoss().ddp is True and DiceFocalLoss().ddp is True and SquaredDiceLoss().ddp is True
+    assert not torch.distributed.is_available() or not torch.distributed.is_initialized()
+    x, target = make_case(3, 3, seed=4)
+    for backend in BACKENDS:
+        on = value_and_grad(L1DFLLoss(backend=backend), x.float(), target)
+        off = value_and_grad(L1DFLLoss(backend=backend, ddp=False), x.float(), target)
+        assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label, ignore_label", [(3, None), (255, None), (-1, None), (3, 255), (-1, 255)])
+def test_label_outside_the_classes_is_an_error_on_cpu(backend, label, ignore_label):
+    """Both CPU backends refuse a label that is no class and not the ignore label, naming it
+    (the numba kernel used to count it as "no class" and return a finite loss)."""
+    x = torch.randn(2, 3, 4, 5, 3, requires_grad=True)
+    target = torch.randint(0, 3, (2, 1, 4, 5, 3)).to(torch.int16)
+    target[1, 0, 2, 1, 0] = label
+    loss = L1DFLLoss(backend=backend, ignore_label=ignore_label)
+    with pytest.raises(ValueError, match=rf"label value\(s\) {label} \(1 voxels\) outside \[0, 3\)"):
+        loss(x, target)
+    with pytest.raises(ValueError, match=rf"label value\(s\) {label} "):
+        loss(x, target.float())  # float label maps: truncated as target.long() would
+    if ignore_label is not None:  # the ignore label itself stays allowed
+        target[1, 0, 2, 1, 0] = ignore_label
+        assert torch.isfinite(loss(x, target))
+
+
+def test_fused_cpu_kernel_refuses_no_class_labels_when_called_directly():
+    from nnunetv2_l1dfl.kernels import fused_bin_statistics
+
+    x = torch.randn(1, 2, 6, 6)
+    target = torch.zeros(1, 1, 6, 6, dtype=torch.int16)
+    target[0, 0, 3, 3] = 2
+    with pytest.raises(ValueError, match=r"label value\(s\) 2 "):
+        fused_bin_statistics(x, target, n_per_unit=10, gamma=2.0, regions=False, ignore_label=None)
+
+
+def test_reference_path_off_cpu_makes_the_loss_nan_for_no_class_labels(monkeypatch):
+    """Where the host check is not made (CUDA: it would stall the host), the reference path keeps
+    the one-hot scatter in bounds and makes the loss NaN instead. Emulated on CPU by switching the
+    host check off; everything else is the code a CUDA tensor runs."""
+    import nnunetv2_l1dfl.losses.l1dfl as module
+
+    monkeypatch.setattr(module, "check_labels_on_host", lambda *args: None)
+    x = torch.randn(2, 3, 4, 5, 3)
+    target = torch.randint(0, 3, (2, 1, 4, 5, 3))
+    for focal in (True, False):  # the Dice term alone (SquaredDice) is NaN too
+        assert torch.isfinite(L1DFLLoss(backend="reference", focal=focal)(x, target))
+        for label, ignore_label in ((3, None), (255, None), (-1, None), (7, 255)):
+            bad = target.clone()
+            bad[0, 0, 1, 1, 1] = label
+            value = L1DFLLoss(backend="reference", focal=focal, ignore_label=ignore_label)(x, bad)
+            assert torch.isnan(value), (label, ignore_label, focal)
+    ignored = target.clone()
+    ignored[0, 0, 1, 1, 1] = 255
+    assert torch.isfinite(L1DFLLoss(backend="reference", ignore_label=255)(x, ignored))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4, 4), (2, 3, 0, 4, 4), (2, 3, 4, 4, 0), (0, 2, 5, 5)])
+def test_empty_batch_or_spatial_dimension_is_a_clear_error(backend, shape):
+    x = torch.randn(shape)
+    target = torch.zeros((shape[0], 1, *shape[2:]), dtype=torch.int16)
+    with pytest.raises(ValueError, match=r"hold no elements \(batch size 0"):
+        L1DFLLoss(backend=backend)(x, target)
+    with pytest.raises(ValueError, match="hold no elements"):
+        L1DFLLoss(backend=backend, regions=True)(x, torch.zeros(shape))

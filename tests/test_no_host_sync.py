@@ -6,7 +6,10 @@ caught by name on CPU tensors (``tests/_sync_guard.py``): a scalar read back, a 
 output size, a boolean-mask index. Covered: the two paths a CUDA tensor can take, the plain PyTorch
 reference and the Triton kernels (under Triton's interpreter), each with the Dice/focal reduction,
 and nnU-Net's deep-supervision wrapper under autocast. The numba kernel is CPU-only and reads the
-label range on the host, which costs nothing there, so it is not held to this.
+label range on the host, which costs nothing there, so it is not held to this. The same holds for
+the label check of the reference path (``check_labels_on_host``): it runs for CPU tensors only, reads
+them through numpy and dispatches no operator; a CUDA tensor skips it (its invalid labels make the loss
+NaN instead), so what the guard sees here is what a CUDA tensor runs.
 """
 
 from __future__ import annotations

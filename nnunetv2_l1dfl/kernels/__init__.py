@@ -1,6 +1,6 @@
 """Fused L1DFL statistics kernels: numba on CPU, Triton on CUDA.
 
-``fused_bin_statistics`` returns the same :class:`~nnunetv2_l1dfl.losses.l1dfl.BinStatistics` as
+``fused_bin_statistics`` returns the same :class:`~nnunetv2_l1dfl.kernels._common.BinStatistics` as
 ``bin_statistics_reference`` (one pass over the logits forward, one pass backward through a custom
 ``torch.autograd.Function``), or ``None`` when no kernel serves the tensor's device, in which case
 the loss falls back to the reference path.
@@ -26,6 +26,8 @@ import logging
 from types import ModuleType
 
 import torch
+
+from nnunetv2_l1dfl.kernels._common import BinStatistics, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +116,12 @@ def fused_bin_statistics(
 
     logits (B, C, X, Y[, Z]) of any float dtype: float64 stays float64, every other dtype is
     computed in float32 and its gradient is returned in the logits' dtype (autograd casts it).
-    target (B, 1, ...) integer label map (any integer/bool/float dtype; labels outside [0, C) that
-    are not the ignore label count as "no class") or, with ``regions``, the (B, R[+1], ...) binary
+    target (B, 1, ...) integer label map (any integer/bool/float dtype; a label outside [0, C) that
+    is not the ignore label is a ValueError naming it on CPU, and makes the union and focal sums,
+    hence the loss, NaN on CUDA, where a check would stall the host) or, with ``regions``, the (B, R[+1], ...) binary
     region target (nonzero = 1, any dtype) with the ignore mask last when ``ignore_label`` is set.
     ``torch.compile`` does not trace into this function (a graph break): the kernels run eagerly.
     """
-    from nnunetv2_l1dfl.losses.l1dfl import BinStatistics, compute_dtype
-
     backend = backend_for(logits.device)
     if backend is None:
         return None

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from nnunetv2_l1dfl.kernels._common import check_labels_on_host
 from nnunetv2_l1dfl.kernels._vecmath import fexp, flog, flush_denormals_on, restore_fp_state
 
 CHUNK_VOXELS = 16384
@@ -509,6 +510,8 @@ def forward(
     nb, nc = logits.shape[:2]
     x = logits.detach().reshape(nb, nc, -1)
     t = _target_for_kernel(target, regions)
+    if not regions:  # the kernels would count such a label as "no class": a finite, wrong loss
+        check_labels_on_host(t, nc, ignore_label)
     nv = x.shape[2]
     num_bins = n_per_unit + 1
     chunks = nb * ((nv + CHUNK_VOXELS - 1) // CHUNK_VOXELS)

@@ -122,6 +122,11 @@ def _softmax_forward_kernel(
     x_t = tl.zeros_like(vmax)
     p_t = tl.zeros_like(vmax)
     part = (b64 * num_programs + pid) * C * KP
+    # A label outside [0, C) that is not the ignore label: NaN in every union and the focal sum of
+    # this block, so the loss is NaN (a check on the host would stall it; see docs/method.md).
+    no_class = valid & ((label < 0) | (label >= C))
+    zero = tl.zeros_like(vmax)
+    poison = tl.sum(tl.where(no_class, zero / zero, zero), axis=0)
     for c in tl.static_range(C):
         xc = _load_compute(x_base + c * V, offs, in_range, IS_FP64)
         p = tl.exp(xc - vmax) / vsum
@@ -131,7 +136,7 @@ def _softmax_forward_kernel(
         onehot = (k[:, None] == bins[None, :]) & valid[:, None]
         counts += tl.sum(onehot.to(tl.int32), axis=0)
         inter = tl.sum(tl.where(onehot, (p * y)[:, None], 0.0), axis=0)
-        union = tl.sum(tl.where(onehot, (p * p + y)[:, None], 0.0), axis=0)
+        union = tl.sum(tl.where(onehot, (p * p + y)[:, None], 0.0), axis=0) + poison
         tl.store(inter_ptr + part + c * KP + bins, inter)
         tl.store(union_ptr + part + c * KP + bins, union)
         x_t = tl.where(is_t, xc, x_t)
@@ -140,7 +145,7 @@ def _softmax_forward_kernel(
     f, _ = _focal_terms(1.0 - p_t, log_pt, gamma, GAMMA_INT)
     counted = valid & (label >= 0) & (label < C)
     tl.store(counts_ptr + (b64 * num_programs + pid) * KP + bins, counts)
-    tl.store(focal_ptr + b64 * num_programs + pid, tl.sum(tl.where(counted, f, 0.0), axis=0))
+    tl.store(focal_ptr + b64 * num_programs + pid, tl.sum(tl.where(counted, f, 0.0), axis=0) + poison)
 
 
 @triton.jit

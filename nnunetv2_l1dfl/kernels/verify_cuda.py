@@ -14,7 +14,7 @@ Checks, each reported as ok / FAIL with its numbers:
 5. ``torch_compile``: a ``torch.compile``-d training step (inductor; the loss is a graph break)
    equals the eager one;
 6. ``deterministic``: two runs are bitwise equal;
-7. ``speed``: forward + backward time and peak memory of the fused loss against nnU-Net's
+7. ``speed`` (run by :func:`nnunetv2_l1dfl.bench.verify_cuda_main` after the checks): forward + backward time and peak memory of the fused loss against nnU-Net's
    DC_and_CE_loss (``l1dfl bench`` on 3d_fullres and on 2 x 2 x 128^3 without deep supervision),
    and the kernels' own time against a copy of the logits (reading the logits and writing a
    tensor of their size, the least a backward can do).
@@ -25,11 +25,9 @@ CPU kernels (used by the tests to keep this script working); the sync check is t
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -276,33 +274,3 @@ def run_checks(device: torch.device, include_compile: bool = True) -> list[Check
             logger.exception("%s crashed", fn.__name__)
             checks.append(Check(fn.__name__.removeprefix("check_"), False, f"crashed: {type(e).__name__}: {e}"))
     return checks
-
-
-def main(json_path: str | None = None, device: str = "cuda", bench_shapes: tuple[str, ...] = ("cuda128", "3d_fullres")) -> int:
-    """Run the checks and the speed comparison; print one line per check; 0 when all pass."""
-    from nnunetv2_l1dfl.bench import format_table, machine_description, run_benchmark
-
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("verify-cuda: no CUDA device available", file=sys.stderr)
-        return 2
-    checks = run_checks(dev)
-    for check in checks:
-        print(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail} {json.dumps(check.numbers, default=str)}")
-    results = run_benchmark(list(bench_shapes), ["l1dfl_fused", "dc_and_ce"], device=device, repeats=20, warmup=3, progress=False)
-    print(format_table(results))
-    kernel = kernel_vs_copy_time(dev)
-    print(f"kernels alone (fwd + bwd) {kernel['fused_fwd_bwd_ms']:.3f} ms, copy of the logits {kernel['copy_ms']:.3f} ms, "
-          f"ratio {kernel['ratio_to_copy']:.2f}")  # fmt: skip
-    if json_path:
-        payload = {
-            "machine": machine_description(device),
-            "checks": [asdict(c) for c in checks],
-            "bench": [asdict(r) for r in results],
-            "kernel_vs_copy": kernel,
-        }
-        with open(json_path, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-    failed = [c.name for c in checks if not c.ok]
-    print(f"verify-cuda: {len(checks) - len(failed)}/{len(checks)} checks passed" + (f"; failed: {failed}" if failed else ""))
-    return 1 if failed else 0

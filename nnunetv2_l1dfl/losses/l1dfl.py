@@ -24,27 +24,16 @@ reductions, DDP) is :func:`reduce_bin_statistics`, written once.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import nn
 
+# BinStatistics and compute_dtype live below both this module and the kernels (one-way imports);
+# they stay importable from here.
+from nnunetv2_l1dfl.kernels._common import BinStatistics, check_labels_on_host, compute_dtype
+
 Backend = Literal["auto", "fused", "reference"]
-
-
-class BinStatistics(NamedTuple):
-    """What one L1DFL forward needs from the logits (K bins, B samples, C classes or regions).
-
-    counts: (K,) int64, elements per difficulty bin over the whole batch and all classes.
-    intersection: (B, C, K) float, sum of ``p * y`` per sample, class and bin.
-    union: (B, C, K) float, sum of ``p^2 + y^2`` per sample, class and bin.
-    focal_sum: () float, sum over participating elements of the focal term (not yet averaged).
-    """
-
-    counts: torch.Tensor
-    intersection: torch.Tensor
-    union: torch.Tensor
-    focal_sum: torch.Tensor
 
 
 def bins_per_unit(bin_width: float) -> int:
@@ -84,11 +73,6 @@ def bin_index(g: torch.Tensor, n_per_unit: int) -> torch.Tensor:
     return torch.floor(g.to(torch.float64) * n_per_unit + 0.5).to(torch.int64)
 
 
-def compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    """float64 stays float64 (gradcheck); every other float dtype computes in float32."""
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def check_shapes(logits: torch.Tensor, target: torch.Tensor, regions: bool, ignore_label: int | None) -> None:
     """Raise a ValueError naming both shapes when logits and target do not fit together."""
     if logits.ndim not in (4, 5):
@@ -99,6 +83,11 @@ def check_shapes(logits: torch.Tensor, target: torch.Tensor, regions: bool, igno
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}: "
             "expected the same batch size and spatial shape"
+        )
+    if logits.numel() == 0:
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} hold no elements (batch size 0, no class or a spatial "
+            "dimension of size 0): the loss of an empty batch is undefined"
         )
     if regions:
         expected = logits.shape[1] + (1 if ignore_label is not None else 0)
@@ -120,11 +109,14 @@ def check_shapes(logits: torch.Tensor, target: torch.Tensor, regions: bool, igno
 
 def _probabilities_and_target(
     logits: torch.Tensor, target: torch.Tensor, regions: bool, ignore_label: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return p, y (both (B, C, ...)), the valid mask (B, 1, ...) and the per-element focal loss.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Return p, y (both (B, C, ...)), the valid mask (B, 1, ...), the logits in the compute dtype
+    and, for label maps, the mask (B, 1, ...) of labels outside [0, C) that are not the ignore label
+    (None for regions).
 
-    The focal loss is elementwise (B, C, ...) and zero where ``y = 0`` in softmax mode, so that
-    summing it gives MONAI's numerator. It uses log-softmax / log-sigmoid, never ``log(p)``.
+    Such labels get class 0 here so that the one-hot scatter stays in bounds (on CUDA an
+    out-of-bounds scatter is a device-side assert); :func:`bin_statistics_reference` then makes
+    the statistics NaN. On CPU it raises before, naming the labels.
     """
     x = logits.to(compute_dtype(logits))
     if regions:
@@ -135,16 +127,19 @@ def _probabilities_and_target(
             valid = torch.ones_like(target[:, :1], dtype=torch.bool)
             y = target.to(x.dtype)
         p = torch.sigmoid(x)
-        return p, y, valid, x
+        return p, y, valid, x, None
     labels = target[:, 0].long()
+    invalid = (labels < 0) | (labels >= x.shape[1])
     if ignore_label is not None:
         valid = (labels != ignore_label)[:, None]
-        labels = torch.where(valid[:, 0], labels, torch.zeros_like(labels))
+        invalid = invalid & valid[:, 0]
+        labels = torch.where(valid[:, 0] & ~invalid, labels, torch.zeros_like(labels))
     else:
         valid = torch.ones_like(labels, dtype=torch.bool)[:, None]
+        labels = torch.where(invalid, torch.zeros_like(labels), labels)
     y = torch.zeros_like(x).scatter_(1, labels[:, None], 1.0)
     p = torch.softmax(x, dim=1)
-    return p, y, valid, x
+    return p, y, valid, x, invalid[:, None]
 
 
 def focal_elementwise(x: torch.Tensor, y: torch.Tensor, gamma: float, regions: bool) -> torch.Tensor:
@@ -176,14 +171,24 @@ def bin_statistics_reference(
 
     One masked reduction per bin (K of them): deterministic on every device, no host sync, no
     data-dependent shapes. Memory is a few full-size temporaries; the fused kernels avoid them.
+
+    A label map with a label outside [0, C) that is not ``ignore_label``: on CPU a ValueError
+    naming the label; on other devices, where looking would stall the host, every union sum and
+    the focal sum become NaN, so the loss is NaN (nnU-Net then logs a NaN train loss).
     """
-    p, y, valid, x = _probabilities_and_target(logits, target, regions, ignore_label)
+    if not regions and target.device.type == "cpu":
+        check_labels_on_host(target[:, 0], logits.shape[1], ignore_label)
+    p, y, valid, x, invalid = _probabilities_and_target(logits, target, regions, ignore_label)
     num_bins = n_per_unit + 1
     bins = bin_index((p - y).abs().detach(), n_per_unit)
     valid_f = valid.to(p.dtype)
     py = p * y * valid_f
     union_elements = (p * p + y * y) * valid_f
     focal = focal_elementwise(x, y, gamma, regions) * valid_f
+    if invalid is not None:  # NaN where a label is no class (NaN * 0 stays NaN in every bin's sum)
+        poison = torch.where(invalid, torch.full_like(valid_f, float("nan")), torch.zeros_like(valid_f))
+        union_elements = union_elements + poison
+        focal = focal + poison
 
     counts, inter, union = [], [], []
     valid_b = valid.expand_as(bins)
@@ -269,8 +274,10 @@ class L1DFLLoss(nn.Module):
             for ``regions`` any non-None value means the target's last channel is the ignore mask.
         regions: nnU-Net region-based training: sigmoid outputs and a (B, R, ...) binary target.
         batch_dice: Dice sums over the batch per class instead of per sample and class.
-        ddp: under ``torch.distributed``, use the global histogram (and gathered Dice sums with
-            ``batch_dice``), so N ranks equal one process on the concatenated batch.
+        ddp: under ``torch.distributed`` (only when a process group is initialized; otherwise it
+            changes nothing), use the global histogram (and gathered Dice sums with ``batch_dice``),
+            so N ranks equal one process on the concatenated batch. Default True, like nnU-Net's
+            ``MemoryEfficientSoftDiceLoss``; False gives each rank its own histogram.
         weighted: False gives the paper's DFL baseline (all weights 1).
         focal: False leaves the focal term out (the paper's DL baseline with ``weighted=False``).
         backend: "auto" (fused kernel when one exists for the device, else reference), "fused"
@@ -278,7 +285,9 @@ class L1DFLLoss(nn.Module):
 
     Shapes: ``logits`` (B, C, X, Y[, Z]) in any float dtype (computed in float32, float64 kept);
     ``target`` (B, 1, ...) integer label map in [0, C) plus the ignore label, or (B, R[+1], ...)
-    for regions. Returns a float32 scalar (float64 for float64 logits). Background is included in
+    for regions. Any other label is an error on CPU (ValueError naming it, both backends) and
+    makes the loss NaN on CUDA (checking there would stall the host); an empty batch or spatial
+    dimension is a ValueError on every device. Returns a float32 scalar (float64 for float64 logits). Background is included in
     the Dice mean.
     """
 
@@ -291,7 +300,7 @@ class L1DFLLoss(nn.Module):
         ignore_label: int | None = None,
         regions: bool = False,
         batch_dice: bool = False,
-        ddp: bool = False,
+        ddp: bool = True,
         weighted: bool = True,
         focal: bool = True,
         backend: Backend = "auto",

@@ -50,7 +50,7 @@ _check_nnunetv2_version()
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper  # noqa: E402
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 
-from nnunetv2_l1dfl.losses.l1dfl import L1DFLLoss  # noqa: E402
+from nnunetv2_l1dfl.losses.l1dfl import L1DFLLoss, bins_per_unit  # noqa: E402
 
 #: Epoch counts of nnU-Net's ``nnUNetTrainer_Xepochs`` variants, mirrored for our trainers.
 EPOCH_VARIANTS = (1, 5, 10, 20, 50, 100, 250, 500, 750, 2000, 4000, 8000)
@@ -112,9 +112,35 @@ class nnUNetTrainerL1DFL(nnUNetTrainer):
         dataset_json: dict,
         device: torch.device = torch.device("cuda"),
     ):
+        self.validate_l1dfl_attributes()  # before nnU-Net sets anything up: a typo fails at once
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.fixed_num_epochs is not None:
             self.num_epochs = self.fixed_num_epochs
+
+    @classmethod
+    def validate_l1dfl_attributes(cls) -> None:
+        """Raise a ValueError naming the attribute when a subclass sets one of the class attributes
+        above to a value of the wrong kind (``fixed_num_epochs = 0``, ``l1dfl_batch_dice = "no"``, ...)."""
+        def fail(attribute: str, expected: str) -> None:
+            value = getattr(cls, attribute)
+            raise ValueError(f"{cls.__name__}.{attribute} must be {expected}, got {value!r} ({type(value).__name__})")
+
+        epochs = cls.fixed_num_epochs
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1):
+            fail("fixed_num_epochs", "None or a positive int")
+        if cls.l1dfl_batch_dice is not None and not isinstance(cls.l1dfl_batch_dice, (bool, np.bool_)):
+            fail("l1dfl_batch_dice", "True, False or None (follow the plans' batch_dice)")
+        for attribute in ("l1dfl_weighted", "l1dfl_focal"):
+            if not isinstance(getattr(cls, attribute), (bool, np.bool_)):
+                fail(attribute, "True or False")
+        gamma = cls.l1dfl_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(gamma) or gamma < 0:
+            fail("l1dfl_gamma", "a finite number >= 0 (paper: 1, 2 or 5)")
+        try:
+            bins_per_unit(cls.l1dfl_bin_width)
+        except ValueError as e:
+            raise ValueError(f"{cls.__name__}.l1dfl_bin_width: {e}") from None
 
     def _build_loss(self) -> nn.Module:
         batch_dice = self.configuration_manager.batch_dice if self.l1dfl_batch_dice is None else self.l1dfl_batch_dice
