@@ -295,8 +295,10 @@ def suv_entry(args: argparse.Namespace) -> int:
 
     Everything that can fail (the mask, the series, the SUV) is checked before the output is
     written; the image goes to a hidden temporary name beside ``out``, is read back whole and only
-    then renamed, so a failed run leaves no output that looks complete. One-line errors, exit 1
-    (SUV refused, write failed) or 2 (bad arguments, series not found).
+    then renamed, so a failed run leaves no output that looks complete. An existing output is kept
+    unless ``--overwrite``; a file of the series that discovery skipped (damaged, or a second copy
+    that differs) fails the run, other skipped files are ``warning:`` lines. One-line errors, exit 1
+    (SUV refused, series unusable, write failed) or 2 (bad arguments, series not found, output exists).
     """
     import os
 
