@@ -389,6 +389,7 @@ def test_compare_end_to_end_equals_a_float64_loop_oracle(tmp_path, capsys, defin
         assert r["p_value"] == pytest.approx(p) and r["p_bonferroni"] == pytest.approx(min(1.0, 5 * p))
     report = (out / "report.md").read_text()
     assert "Bonferroni over a family of 5 tests (1 trainer(s) x 5 metrics)" in report
+    assert "Bonferroni-adjusted over the declared family of 5 tests (see Statistics)" in report
     # agreement: CCC and Bland-Altman by hand, per biomarker and trainer
     pairs = {"suv_max": ("suv_max_gt", "suv_max_pred"), "suv_mean": ("suv_mean_gt", "suv_mean_pred"),
              "tla": ("tla_gt", "tla_pred"), "tmtv": ("tmtv_gt_ml", "tmtv_pred_ml"),

@@ -134,7 +134,8 @@ def render_report(summary: dict) -> str:
     out.append(headline_table(summary))
     out.append(
         "\np: one-sided paired Wilcoxon signed-rank test of DSC, H1: the trainer is better than the "
-        f"reference, Bonferroni-adjusted over the declared family; * p < {options['alpha']}. "
+        f"reference, Bonferroni-adjusted over the declared family{_statistics_family(summary)}; "
+        f"* p < {options['alpha']}. "
         "TP / FP / FN are lesion counts per case.\n"
     )
     for name in ("single", "multiple"):
@@ -286,6 +287,11 @@ def _interval(value, low, high, digits: int) -> str:
     if _is_missing(low) or _is_missing(high):
         return fmt(value, digits)
     return f"{fmt(value, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+def _statistics_family(summary: dict) -> str:
+    tests = summary.get("statistics") or []
+    return f" of {tests[0]['family_size']} tests (see Statistics)" if tests else ""
 
 
 def _family_size(agreement: dict) -> str:
