@@ -181,10 +181,20 @@ def test_utc_date_time_whose_clock_time_matches_a_local_start_time_is_ambiguous(
 
 
 def test_date_time_offset_without_a_local_zone_is_kept_as_local_and_recorded(tmp_path):
-    write_pet_series(tmp_path, _activity(), RadiopharmaceuticalStartDateTime="20240101100000-0500")
+    write_pet_series(
+        tmp_path, _activity(), RadiopharmaceuticalStartDateTime="20240101100000-0500", omit=("RadiopharmaceuticalStartTime",)
+    )  # fmt: skip
     result = _read(tmp_path)
     _assert_suv(sitk.GetArrayFromImage(result.image), _expected_suv(_activity()))
-    assert "utc-offset-taken-as-local(-0500)" in result.branch  # the compromise is in the branch
+    assert "utc-offset-taken-as-local(-0500)" in result.branch  # the compromise is recorded
+    assert len(result.warnings) == 1 and "TimezoneOffsetFromUTC (0008,0201)" in result.warnings[0]
+
+
+def test_date_time_offset_confirmed_by_the_local_start_time_needs_no_warning(tmp_path):
+    write_pet_series(tmp_path, _activity(), RadiopharmaceuticalStartDateTime="20240101100000-0500")  # TM 100000
+    result = _read(tmp_path)
+    _assert_suv(sitk.GetArrayFromImage(result.image), _expected_suv(_activity()))
+    assert "utc-offset" not in result.branch and result.warnings == []
 
 
 def test_bad_timezone_offset_is_refused_naming_the_tag(tmp_path):

@@ -177,8 +177,8 @@ class SUVResult:
         the half-life was checked against; decay-corrected branches only), scanner (manufacturer
         and model), suv_max; for GML/CM2ML other than BW, normalization_factor (kg, or m2 for BSA)
         and height_m; for CPS, voxel_ml.
-    warnings: set only with ``allow_implausible_suv``: each implausible value accepted, for the
-        case's warnings column.
+    warnings: for the case's warnings column: each implausible value accepted (only with
+        ``allow_implausible_suv``), and a date-time whose UTC offset was taken as the local zone.
     """
 
     image: sitk.Image
@@ -617,6 +617,12 @@ def read_pet_suv(
             )
         result.warnings = [f"{IMPLAUSIBLE_SUV_ACCEPTED}: {p}" for p in problems]
         result.branch += "|implausible-accepted"
+    for step in result.branch.split("|"):
+        if step.startswith("utc-offset-taken-as-local"):
+            result.warnings.append(
+                f"a date-time with a UTC offset {step.removeprefix('utc-offset-taken-as-local')} (injection or scan "
+                "start) was read as local time: the header has no TimezoneOffsetFromUTC (0008,0201) to say the zone of its times"
+            )
         for warning in result.warnings:
             logger.warning("%s: %s", case, warning)
     return result
@@ -1280,6 +1286,8 @@ def _injection_time(
                     f"RadiopharmaceuticalStartDateTime (0018,1078) {start_datetime!r} and RadiopharmaceuticalStartTime "
                     f"(0018,1072) {start_time!r} are {_duration(gaps[0])} apart{hint}: contradictory injection times"
                 )
+            if offset_note.startswith("utc-offset-taken-as-local"):
+                offset_note = ""  # the local TM agrees with the DT's clock time: that is the local zone
             if _time_precision_s(start_time) < precision:  # the TM is the more precise of the two
                 candidates = [dt.datetime.combine(injection.date() + dt.timedelta(days=d), clock) for d in (-1, 0, 1)]
                 injection = min(candidates, key=lambda c: abs((c - injection).total_seconds()))
