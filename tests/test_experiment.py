@@ -226,3 +226,43 @@ def test_check_passes_on_a_declared_experiment(tmp_path):
     experiment = _experiment(tmp_path)
     write_toy_dataset(experiment.nnunet_raw)
     assert check(experiment, resolve=False) == "Dataset917_XpToy"
+
+
+def test_status_from_locks_queue_and_events(tmp_path, monkeypatch):
+    """A job whose lock is held is 'running'; squeue states map to rows; a pending job whose dependency
+    failed is 'blocked'; a job that left the queue gets its state from its events file."""
+    from nnunetv2_l1dfl.experiment.jobs import JobLock, append_event, lock_path
+    from nnunetv2_l1dfl.experiment.status import experiment_status
+
+    experiment = _experiment(tmp_path)
+    write_toy_dataset(experiment.nnunet_raw)
+    jobs = train_jobs(experiment)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\nprintf '7_1|RUNNING|None\\n8|PENDING|DependencyNeverSatisfied\\n'\n")
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nexit 1\n")  # the job is no longer known to slurmctld
+    for name in ("squeue", "scontrol"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    (experiment.folder / "slurm").mkdir(parents=True)
+    (experiment.folder / "slurm" / "submissions.json").write_text(json.dumps([
+        {"jobs": {jobs[1].key: "7_1", jobs[2].key: "7_2", "collect": "8"}}]))
+    append_event(experiment, jobs[2].key, "START slurm=7_2 host=node3")
+    append_event(experiment, jobs[2].key, "END rc=1 slurm=7_2")
+    (experiment.folder / "logs").mkdir()
+    (experiment.folder / "logs" / f"{jobs[2].key}.log").write_text("epoch 0\nRuntimeError: CUDA out of memory\n")
+    append_event(experiment, jobs[3].key, "START slurm=7_3 host=node4")  # killed without an END line
+    lock = JobLock(lock_path(experiment, jobs[0].key))
+    assert lock.acquire()
+    try:
+        rows = {r.key: r for r in experiment_status(experiment)}
+    finally:
+        lock.release()
+    assert rows["preprocess"].state == "not started"
+    assert rows[jobs[0].key].state.startswith("running (pid=") and rows[jobs[0].key].epochs == "0/?"
+    assert rows[jobs[1].key].state == "running (slurm)" and rows[jobs[1].key].slurm_id == "7_1"
+    assert rows[jobs[2].key].state == "failed (exit 1)"
+    assert rows[jobs[2].key].log_tail[-1] == "RuntimeError: CUDA out of memory"
+    assert rows[jobs[3].key].state == "lost (started, no end recorded)"
+    assert rows["collect"].state.startswith("blocked")
+    assert not any(r.failed for r in (rows[jobs[0].key], rows[jobs[1].key], rows["collect"]))

@@ -226,7 +226,7 @@ def run_local(experiment: Experiment, gpus: str | None = None, progress: bool = 
             wait_all()
             if preprocess_missing(experiment, dataset):
                 raise ExperimentError(f"preprocessing did not finish; read {log_path(experiment, PREPROCESS)}")
-            check(experiment)  # folds against the splits nnU-Net wrote; num_epochs for status
+            check(experiment, resolve=False)  # folds against the splits nnU-Net wrote
         else:
             display.advance()
         queue: list[TrainJob] = list(todo)
