@@ -75,7 +75,7 @@ class LocalSlurm:
         r = self.root
         self.conf.write_text("\n".join([
             "ClusterName=l1dfltest",
-            f"SlurmctldHost={self.node}",
+            f"SlurmctldHost={self.node}(127.0.0.1)",  # no name resolution needed
             "SlurmUser=root",
             "SlurmdUser=root",
             f"SlurmctldPort={_free_port()}",
@@ -105,7 +105,7 @@ class LocalSlurm:
             "InactiveLimit=0",
             "KillWait=5",
             "MinJobAge=600",
-            f"NodeName={self.node} CPUs={cpus} RealMemory={memory} State=UNKNOWN",
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN",
             f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")
 
