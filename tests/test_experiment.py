@@ -266,3 +266,25 @@ def test_status_from_locks_queue_and_events(tmp_path, monkeypatch):
     assert rows[jobs[3].key].state == "lost (started, no end recorded)"
     assert rows["collect"].state.startswith("blocked")
     assert not any(r.failed for r in (rows[jobs[0].key], rows[jobs[1].key], rows["collect"]))
+
+
+def test_gpu_slots_and_ddp_command(tmp_path, monkeypatch):
+    from nnunetv2_l1dfl.experiment.jobs import TrainJob, train_command
+    from nnunetv2_l1dfl.experiment.local import gpu_slots
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cpu = _experiment(tmp_path)
+    assert gpu_slots(cpu, "0,1,2") == [None]  # CPU: one training at a time
+    cuda = _experiment(tmp_path, device="cuda")
+    assert gpu_slots(cuda, "0,1,2,3") == ["0", "1", "2", "3"] and gpu_slots(cuda, None) == ["0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert gpu_slots(cuda, None) == ["4", "5"]
+    ddp = _experiment(tmp_path, device="cuda", num_gpus=2)
+    assert gpu_slots(ddp, "0,1,2,3,4") == ["0,1", "2,3"]
+    with pytest.raises(ExperimentError, match="num_gpus 2 per training, but only GPU"):
+        gpu_slots(ddp, "7")
+    cmd = train_command(ddp, TrainJob("nnUNetTrainerL1DFL", "3d_fullres", 3))
+    assert cmd[-8:] == ["-p", "nnUNetPlans", "-device", "cuda", "-num_gpus", "2", "--npz", "--c"]
+    assert cmd[cmd.index("-tr") - 3:cmd.index("-tr") + 2] == [str(DATASET_ID), "3d_fullres", "3", "-tr",
+                                                              "nnUNetTrainerL1DFL"]
+    assert "-num_gpus" not in train_command(cuda, TrainJob("nnUNetTrainerL1DFL", "3d_fullres", 3))
