@@ -575,3 +575,19 @@ def test_suv_peak_of_62500_one_voxel_lesions_is_fast(monkeypatch):
                     total += float(suv[z + dz, y + dy, x + dx])
                     count += 1
     assert q.suv_peak[k] == pytest.approx(total / count, rel=1e-12)
+
+
+def test_dataset_with_an_ignore_label_needs_label(tmp_path, capsys):
+    """nnU-Net's 'ignore' label (unannotated voxels) in the GT was scored as lesion (label > 0);
+    now a one-line error says so and points to --label, which scores one label and runs."""
+    import json
+
+    from nnunetv2_l1dfl.cli import main
+
+    args = _two_case_folders(tmp_path, 1, {"background": 0, "lesion": 1, "ignore": 2})
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "declares an 'ignore' label (2)" in err and "--label" in err and "\n" not in err
+    assert main([*args, "--label", "1"]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["options"]["label"] == 1 and summary["options"]["max_label"] is None

@@ -154,6 +154,8 @@ def _with_dataset_labels(options, inputs: dict):
     folders = [inputs.get("pet_folder"), inputs.get("gt_folder")]
     candidates = [Path(f).parent / "dataset.json" for f in folders if f]
     candidates += [Path(f) / "dataset.json" for f in inputs.get("predictions", {}).values()]
+    if options.label is not None:  # one label scored: other values, an ignore label too, are background
+        return options
     return dataclasses.replace(options, max_label=dataset_max_label(candidates))
 
 

@@ -231,7 +231,11 @@ def check_pet_channel(dataset_json: Path | None, pet_channel: int) -> None:
 
 def dataset_max_label(dataset_jsons: list[Path]) -> int | None:
     """The largest label value the first existing dataset.json declares in ``labels`` (nnU-Net's
-    ``{"background": 0, "lesion": 1}``, or region lists ``{"lesion": [1, 2]}``); None without one."""
+    ``{"background": 0, "lesion": 1}``, or region lists ``{"lesion": [1, 2]}``); None without one.
+
+    nnU-Net's ``"ignore"`` label marks unannotated voxels, not lesions; ``l1dfl compare`` does not
+    mask them, so a dataset.json that declares one is an error here (name it with ``--label``, see
+    the CLI)."""
     for path in dataset_jsons:
         path = Path(path)
         if not path.is_file():
@@ -242,6 +246,11 @@ def dataset_max_label(dataset_jsons: list[Path]) -> int | None:
             raise CompareInputError(f"cannot read {path}: {e}") from e
         if not labels:
             return None
+        if "ignore" in labels:
+            raise CompareInputError(
+                f"{path} declares an 'ignore' label ({labels['ignore']}); l1dfl compare would score its voxels "
+                "as lesion: pass --label L to score one label (ignore voxels then count as background)"
+            )
         values = []
         for value in labels.values():
             values += list(value) if isinstance(value, (list, tuple)) else [value]
