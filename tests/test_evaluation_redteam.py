@@ -591,3 +591,62 @@ def test_dataset_with_an_ignore_label_needs_label(tmp_path, capsys):
     assert main([*args, "--label", "1"]) == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["options"]["label"] == 1 and summary["options"]["max_label"] is None
+
+
+# ----------------------------------------------------------------------------- already correct, pinned
+
+
+@pytest.mark.parametrize("points", [
+    [(3, 3, 3)], [(0, 0, 0), (0, 0, 9)], [(0, 0, 0), (1, 2, 3), (2, 4, 6), (5, 10, 15)],
+    [(2, 0, 0), (2, 9, 0), (2, 0, 9), (2, 9, 9), (2, 4, 5)], [(0, 0, 0), (9, 1, 1), (4, 0, 1), (5, 1, 0)],
+])  # fmt: skip
+def test_dmax_degenerate_sets_equal_brute_force(points):
+    """One voxel (0), two, collinear, coplanar (one slice) and nearly collinear sets with 2.5 x 1 x
+    0.7 mm voxels: Dmax equals the largest pairwise distance."""
+    from nnunetv2_l1dfl.evaluation import quantities as Q
+
+    spacing = (2.5, 1.0, 0.7)
+    mask = np.zeros((10, 16, 16), bool)
+    for p in points:
+        mask[p] = True
+    scaled = [np.multiply(p, spacing) for p in points]
+    expected = max(math.dist(a, b) for a in scaled for b in scaled)
+    assert Q.dmax_mm(mask, spacing) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_dmax_of_nearly_flat_rotated_point_clouds():
+    """800 points in a plane plus one lifted by 1e-12..1e-3 of the extent, rotated and shifted: the
+    rank test and the hull never lose the diameter (scipy pdist)."""
+    from scipy.spatial.distance import pdist
+
+    from nnunetv2_l1dfl.evaluation import quantities as Q
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        points = np.zeros((800, 3))
+        points[:, 1:] = np.round(rng.uniform(0, 1000, (800, 2)))
+        points[rng.integers(800), 0] = 10.0 ** rng.uniform(-12, -3) * 1000
+        rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        points = points @ rotation + rng.uniform(-1e4, 1e4, 3)
+        assert Q.max_pairwise_distance(points) == pytest.approx(pdist(points).max(), rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.uint16, np.int8, np.int64, np.uint64])
+def test_label_dtypes_score_the_same(dtype):
+    """GT and predictions as bool, uint8, uint16, int8, int64 or uint64 give the same case and lesion
+    rows as uint8 (foreground = label > 0)."""
+    from nnunetv2_l1dfl.evaluation.compare import CompareOptions, evaluate_case_arrays
+
+    scene = _scene()["c4"]
+    pet = scene["pet"]
+
+    def rows(cast):
+        result = evaluate_case_arrays(
+            "c4", cast(scene["gt"]), pet, {"A": cast(scene["A"]), "B": cast(scene["B"])}, _SPACING,
+            CompareOptions(calibration=False),
+        )  # fmt: skip
+        return result.case_rows, result.lesion_rows
+
+    expected = rows(lambda a: a)
+    got = rows(lambda a: a.astype(dtype))
+    assert got == expected
