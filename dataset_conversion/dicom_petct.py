@@ -46,6 +46,7 @@ from nnunetv2_l1dfl.conversion.dataset_folder import DEFAULT_LABELS, DatasetSpec
 from nnunetv2_l1dfl.conversion.errors import ConversionError
 from nnunetv2_l1dfl.conversion.image_io import read_image
 from nnunetv2_l1dfl.conversion.masks import MaskOptions
+from nnunetv2_l1dfl.conversion.redact import register_identifier
 from nnunetv2_l1dfl.conversion.resample import place_on_pet_grid
 from nnunetv2_l1dfl.conversion.runner import CaseJob, ConversionSummary, convert_cases
 
@@ -602,6 +603,8 @@ def convert_dicom_petct(
         case_ids = key_file.assign([*keys, *failed_keys.values()])
         key_file.save()
         patients = [key_file.pseudonym_of_case(case_ids[k]) for k in keys]
+        for key, entry in zip(keys, pairs):  # no message of the run may show a patient's name
+            register_identifier(entry["pet"].patient_name, case_ids[key])
     else:
         case_ids = assign_case_ids([*keys, *failed_keys.values()])
         patients = [patient_of(e) for e in pairs]

@@ -424,7 +424,7 @@ PATIENT_NAME, PATIENT_ID = "DOE^JOHNATHAN", "MRN-8675309"
 OTHER_NAME, OTHER_ID = "ROE^RICHARDINE", "MRN-5551234"
 
 
-def _phantom_study(folder: Path, patient_id: str, patient_name: str, *, omit=()) -> dict[str, str]:
+def _phantom_study(folder: Path, patient_id: str, patient_name: str, *, omit=(), rois=None) -> dict[str, str]:
     from _dicom_factories import write_ct_series, write_pet_series, write_rtstruct
     from pydicom.uid import generate_uid
 
@@ -439,8 +439,9 @@ def _phantom_study(folder: Path, patient_id: str, patient_name: str, *, omit=())
     )  # fmt: skip
     write_ct_series(folder / "ct", h.ct_volume(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN), h.PET_SPACING,
                     h.PET_ORIGIN, series_uid=uids["ct"], **common)  # fmt: skip
-    write_rtstruct(folder / "rt" / "rs.dcm", pet_files,
-                   {f"lesion {patient_name.split('^')[1].title()}": h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN)})  # fmt: skip
+    if rois is None:
+        rois = {f"lesion {patient_name.split('^')[1].title()}": h.lesion_mask(h.PET_SHAPE, h.PET_SPACING, h.PET_ORIGIN)}
+    write_rtstruct(folder / "rt" / "rs.dcm", pet_files, rois)
     return uids
 
 
@@ -472,6 +473,25 @@ def test_pseudonymized_run_prints_and_logs_no_identifier(tmp_path, capsys, caplo
         for identifier in identifiers:
             assert identifier.lower() not in text.lower(), f"{identifier!r} in {where}:\n{text}"
     assert "PatientWeight" in captured.err  # the reason itself is still there, with the case ID
+
+
+def test_pseudonymized_failure_reason_names_the_roi_by_number_not_by_name(tmp_path, capsys, caplog):
+    """ROI names are free text (they can hold a patient's or a reader's name): a pseudonymized run that
+    fails a case for an empty ROI says which ROI by its number, never by its name."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    empty = np.zeros(h.PET_SHAPE, dtype=bool)
+    secret = "lesion drawn by Dr Quimbleworth"
+    _phantom_study(tmp_path / "export" / "a", PATIENT_ID, PATIENT_NAME, rois={secret: empty})
+    raw = tmp_path / "raw"
+    code = main(["convert", "dicom", str(tmp_path / "export"), "-d", "937", "-n", "Pseudo", "-o", str(raw),
+                 "--pseudonymize", "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    for where, text in {"stdout": captured.out, "stderr": captured.err, "log": caplog.text}.items():
+        assert "quimbleworth" not in text.lower(), f"ROI name in {where}:\n{text}"
+    assert "ROI#1" in captured.err  # the reason still says which ROI
 
 
 def test_redactor_unit(tmp_path, capsys):

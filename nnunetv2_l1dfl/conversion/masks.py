@@ -34,6 +34,7 @@ import numpy as np
 
 from nnunetv2_l1dfl.conversion.dicom_series import FRAME_OF_REFERENCE_KEY
 from nnunetv2_l1dfl.conversion.errors import ConversionError
+from nnunetv2_l1dfl.conversion.redact import register_identifier
 from nnunetv2_l1dfl.conversion.resample import LESION_CONNECTIVITY, resample_mask_to, same_geometry
 
 if TYPE_CHECKING:
@@ -569,6 +570,8 @@ def read_rtstruct(rtstruct_path: Path, reference: sitk.Image, options: MaskOptio
     path = Path(rtstruct_path)
     ds = _read_rtstruct(path)
     names = {int(roi.ROINumber): str(roi.get("ROIName", "")).strip() for roi in ds.StructureSetROISequence}
+    for number, name in names.items():  # free text: a pseudonymized run names the ROI by its number
+        register_identifier(name, f"ROI#{number}")
     roi_frames = {
         int(roi.ROINumber): str(roi.get("ReferencedFrameOfReferenceUID", "")).strip() for roi in ds.StructureSetROISequence
     }
@@ -645,6 +648,8 @@ def _select_segments(path: Path, seg: Any, options: MaskOptions, keep_segment_nu
     """Segment number -> output label. Segment 0 (the LABELMAP background) is never selected; a
     segment labelled 'Background' only when a pattern asks for it."""
     segments = {int(s.SegmentNumber): str(s.get("SegmentLabel", "")).strip() for s in seg.SegmentSequence}
+    for number, name in segments.items():  # free text: a pseudonymized run names it by number
+        register_identifier(name, f"segment#{number}")
     candidates = {n: label for n, label in segments.items() if n != 0}
     chosen: dict[int, int] = {}
     if options.roi_labels:
