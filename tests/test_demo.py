@@ -2,7 +2,8 @@
 
 The end-to-end test runs the real stages (phantom DICOM -> ``l1dfl convert dicom`` ->
 ``nnUNetv2_plan_and_preprocess`` -> ``nnUNetv2_train`` for the stock and the L1DFL trainer ->
-``l1dfl compare``) on 6 small studies with 3 iterations, one fold, on CPU.
+``l1dfl compare`` -> ``l1dfl predict`` on a held-out study) on 6 small studies with 3 iterations of
+the CPU default (2d), one fold, on CPU.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from nnunetv2_l1dfl.demo import (
     WorkFolder,
     _check_config,
     cap_3d_fullres_plans,
+    cap_plans,
     run_logged,
     subprocess_environment,
 )
 
-REDUCED = ["--cases", "6", "--size", "small", "--epochs", "1", "--iterations", "3", "--val-iterations", "1",
-           "--folds", "0", "--device", "cpu", "--no-progress"]
+REDUCED = ["--cases", "6", "--heldout", "1", "--size", "small", "--epochs", "1", "--iterations", "3",
+           "--val-iterations", "1", "--folds", "0", "--device", "cpu", "--no-progress"]
 TRAINERS = ("nnUNetTrainer_demo", "nnUNetTrainerL1DFL_demo")
 
 
@@ -44,6 +46,7 @@ def test_reduced_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert l1dfl_main(["demo", "--workdir", str(workdir), *REDUCED]) == 0
     out = capsys.readouterr().out
     assert "| Trainer |" in out and all(t in out for t in TRAINERS) and "report.md" in out
+    assert "not a verdict on the loss" in out and "seg.dcm (DICOM SEG)" in out
     assert not any(p.is_file() for p in user.rglob("*")), "the user's nnU-Net folders were written to"
 
     # Dataset.
@@ -55,16 +58,20 @@ def test_reduced_demo_end_to_end(tmp_path, monkeypatch, capsys):
     splits = json.loads((preprocessed / "splits_final.json").read_text())
     assert len(splits) == 5
 
-    # Plans.
+    # Plans: the CPU default trains the 2d configuration, capped at 16 slices per batch and width 16.
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
-    config = plans["configurations"]["3d_fullres"]
+    config = plans["configurations"]["2d"]
     assert config["architecture"]["arch_kwargs"]["features_per_stage"][0] == 16
-    assert max(config["patch_size"]) <= 64 and config["batch_size"] >= 2
+    assert len(config["patch_size"]) == 2 and 2 <= config["batch_size"] <= 16
+    assert plans["l1dfl_demo_cap"]["configuration"] == "2d"
+    assert (preprocessed / "nnUNetPlans_2d").is_dir() and not (preprocessed / "nnUNetPlans_3d_fullres").exists()
+    trainer_module = (workdir / "trainers" / "l1dfl_schedule_trainers_demo.py").read_text()
+    assert trainer_module.count("self.oversample_foreground_percent = 0.5") == 2  # both trainers alike
 
     # Both trainers: checkpoints and validation predictions (with probabilities) of fold 0.
     val_cases = sorted(splits[0]["val"])
     for trainer in TRAINERS:
-        fold = workdir / "nnUNet_results" / "Dataset901_L1DFLPhantom" / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+        fold = workdir / "nnUNet_results" / "Dataset901_L1DFLPhantom" / f"{trainer}__nnUNetPlans__2d" / "fold_0"
         import torch
 
         checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
@@ -90,9 +97,25 @@ def test_reduced_demo_end_to_end(tmp_path, monkeypatch, capsys):
     figures = list(report.rglob("*.png"))
     assert figures and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures)
 
+    # Predict: the held-out study (a patient not in the dataset) went DICOM in, DICOM SEG out.
+    import pydicom
+
+    cohort = json.loads((workdir / "phantom" / "phantom_cohort.json").read_text())
+    (held,) = cohort["heldout_studies"]
+    assert held["patient_id"] not in {s["patient_id"] for s in cohort["studies"]}
+    assert not any(held["patient_id"] in p.name for p in (dataset / "imagesTr").iterdir())
+    (study,) = [p for p in (workdir / "predict").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    seg = pydicom.dcmread(study / "seg.dcm")
+    pet = pydicom.dcmread(next((workdir / "phantom" / held["dicom"] / "PET").glob("*.dcm")))
+    assert seg.Modality == "SEG" and seg.PatientID == pet.PatientID == held["patient_id"]
+    assert seg.StudyInstanceUID == pet.StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pet.SeriesInstanceUID
+    assert (study / "lesions.csv").is_file() and (study / "rtstruct.dcm").is_file()
+    assert str(workdir / "predict") in out
+
     # Every stage left its marker and its log; a re-run continues (nothing left to do) and is quick.
     work = WorkFolder(workdir)
-    stages = ["phantom", "convert", "plan", *(f"train_{t}_fold0" for t in TRAINERS), "compare"]
+    stages = ["phantom", "convert", "plan", *(f"train_{t}_fold0" for t in TRAINERS), "compare", "predict"]
     assert all(work.done(s) for s in stages) and all(work.log(s).is_file() for s in stages)
     start = time.perf_counter()
     assert l1dfl_main(["demo", "--workdir", str(workdir), *REDUCED]) == 0
@@ -178,3 +201,33 @@ def test_installed_package_is_not_put_on_pythonpath(tmp_path):
     checkout.parent.mkdir(parents=True)
     checkout.touch()
     assert checkout_root(checkout) == os.path.realpath(tmp_path / "repo")
+
+
+def test_cap_plans_caps_the_2d_batch_and_width_and_keeps_the_topology(tmp_path):
+    arch = {"n_stages": 5, "features_per_stage": [32, 64, 128, 256, 512], "kernel_sizes": [[3, 3]] * 5,
+            "strides": [[1, 1]] + [[2, 2]] * 4, "n_conv_per_stage": [2] * 5, "n_conv_per_stage_decoder": [2] * 4}
+    plans = {"configurations": {"2d": {"patch_size": [64, 64], "batch_size": 90, "spacing": [5.5, 5.0],
+                                       "architecture": {"arch_kwargs": arch}}}}
+    path = tmp_path / "nnUNetPlans.json"
+    path.write_text(json.dumps(plans))
+    change = cap_plans(path, "2d", max_patch=0, base_features=16, max_batch=16)
+    config = json.loads(path.read_text())["configurations"]["2d"]
+    capped = config["architecture"]["arch_kwargs"]
+    assert config["batch_size"] == 16 and config["patch_size"] == [64, 64]
+    assert capped["features_per_stage"] == [16, 32, 64, 128, 256]
+    assert capped["strides"] == arch["strides"] and capped["kernel_sizes"] == arch["kernel_sizes"]
+    assert change["before"]["batch_size"] == 90 and change["configuration"] == "2d"
+    # nothing to cap: the plan is left alone
+    path.write_text(json.dumps(plans))
+    assert cap_plans(path, "2d", max_patch=0, base_features=0, max_batch=0) == {}
+    assert json.loads(path.read_text()) == plans
+
+
+def test_device_defaults_give_a_cpu_demo_that_can_learn_and_a_real_cuda_experiment():
+    from nnunetv2_l1dfl.demo import DEVICE_DEFAULTS
+
+    cpu, cuda = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
+    assert cpu["configuration"] == "2d" and cpu["heldout"] >= 1 and 0.33 <= cpu["oversample"] <= 1
+    assert cpu["epochs"] * cpu["iterations"] >= 400  # the old 8 x 30 3d schedule learnt nothing
+    assert cuda["configuration"] == "3d_fullres" and cuda["folds"] == [0, 1, 2, 3, 4]
+    assert cuda["epochs"] * cuda["iterations"] >= 10 * cpu["epochs"] * cpu["iterations"]

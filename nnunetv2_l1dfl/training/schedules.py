@@ -29,7 +29,7 @@ class {name}({base}):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = {num_epochs}
         self.num_iterations_per_epoch = {iterations_per_epoch}
-        self.num_val_iterations_per_epoch = {val_iterations}
+        self.num_val_iterations_per_epoch = {val_iterations}{extra}
 '''
 
 
@@ -41,11 +41,15 @@ def write_schedule_trainers(
     val_iterations: int,
     suffix: str = "demo",
     bases: tuple[str, ...] = ("nnUNetTrainer", "nnUNetTrainerL1DFL"),
+    oversample_foreground: float | None = None,
 ) -> dict[str, str]:
     """Write ``<folder>/l1dfl_schedule_trainers_<suffix>.py`` with one short-schedule subclass per base.
 
-    Returns base name -> new trainer name (``<base>_<suffix>``). Raises ValueError for an unknown
-    base, a non-identifier suffix, or counts < 1. Overwrites only its own module file.
+    ``oversample_foreground`` sets nnU-Net's ``oversample_foreground_percent`` (the share of each
+    batch whose patch is centred on a foreground voxel; nnU-Net's default 0.33 when None) in every
+    subclass alike. Returns base name -> new trainer name (``<base>_<suffix>``). Raises ValueError
+    for an unknown base, a non-identifier suffix, counts < 1 or an oversampling outside [0, 1].
+    Overwrites only its own module file.
     """
     if not suffix.isidentifier():
         raise ValueError(f"suffix must be a Python identifier, got {suffix!r}")
@@ -53,6 +57,12 @@ def write_schedule_trainers(
                          ("val_iterations", val_iterations)):
         if int(value) < 1:
             raise ValueError(f"{label} must be >= 1, got {value}")
+    extra = ""
+    if oversample_foreground is not None:
+        value = float(oversample_foreground)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"oversample_foreground must lie in [0, 1], got {oversample_foreground}")
+        extra = f"\n        self.oversample_foreground_percent = {value!r}"
     unknown = [b for b in bases if b not in BASE_TRAINER_MODULES]
     if unknown:
         raise ValueError(f"unknown base trainer(s) {unknown}; choose from {sorted(BASE_TRAINER_MODULES)}")
@@ -67,7 +77,7 @@ def write_schedule_trainers(
         names[base] = name
         lines.append(_CLASS_TEMPLATE.format(name=name, base=base, num_epochs=int(num_epochs),
                                             iterations_per_epoch=int(iterations_per_epoch),
-                                            val_iterations=int(val_iterations)).rstrip("\n"))
+                                            val_iterations=int(val_iterations), extra=extra).rstrip("\n"))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"l1dfl_schedule_trainers_{suffix}.py"
