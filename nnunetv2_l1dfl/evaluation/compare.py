@@ -28,6 +28,7 @@ from nnunetv2_l1dfl.evaluation.definitions import (
     ZERO_METHODS,
 )
 from nnunetv2_l1dfl.evaluation.io import (
+    REPORT_FILES,
     CaseFiles,
     CompareInputError,
     check_case_geometry,
@@ -354,9 +355,6 @@ def merge_calibration(results: list[CaseResult], trainers: list[str], n_cases: i
     return merged
 
 
-ARTEFACTS = ("cases.csv", "lesions.csv", "summary.json", "report.md")
-
-
 def run_compare(
     cases: list[CaseFiles],
     trainers: list[str],
@@ -373,7 +371,7 @@ def run_compare(
     from nnunetv2_l1dfl.evaluation import report, summary
 
     out_dir = Path(out_dir)
-    existing = [name for name in ARTEFACTS if (out_dir / name).exists()]
+    existing = [name for name in REPORT_FILES if (out_dir / name).exists()]
     if existing and not overwrite:
         raise CompareInputError(
             f"{out_dir} already holds {', '.join(existing)}; choose another -o folder or pass --overwrite"
