@@ -118,7 +118,7 @@ def _pet_headers(study_dir: Path):
 def dicom_run(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("dicom_out") / "out"
     code = l1dfl_main(["predict", str(model["dicom_in"]), "-o", str(out), *model_args(model), "--device", "cpu",
-                       "--no-progress"])  # fmt: skip
+                       "--no-progress", "--disable-tta"])  # fmt: skip
     return code, out
 
 
@@ -183,7 +183,7 @@ def test_rerun_skips_finished_studies_and_overwrite_redoes_them(model, dicom_run
     code, stdout, _ = predict([str(model["dicom_in"]), "-o", str(out), *model_args(model)], capsys)
     assert code == 0 and "0 predicted" in stdout and "2 already done" in stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("lesions.json")} == before
-    code, stdout, _ = predict([str(model["dicom_in"]), "-o", str(out), *model_args(model), "--overwrite",
+    code, stdout, _ = predict([str(model["dicom_in"]), "-o", str(out), *model_args(model), "--overwrite", "--disable-tta",
                                "--series-uid", json.loads(next(iter(before)).read_text())["input"]["pet_series_instance_uid"]],
                               capsys)  # fmt: skip
     assert code == 0 and "1 predicted" in stdout
@@ -209,11 +209,12 @@ def test_predictor_equals_nnunetv2_predict_and_the_dicom_path(model, dicom_run, 
         for channel in ("0000", "0001"):
             shutil.copy(raw / f"{converted}_{channel}.nii.gz", images)
     out = tmp_path / "ours"
-    code, stdout, stderr = predict([str(images), "-o", str(out), *model_args(model), "-f", "0"], capsys)
+    code, stdout, stderr = predict([str(images), "-o", str(out), *model_args(model), "-f", "0", "--disable-tta"], capsys)
     assert code == 0, stderr
     reference = tmp_path / "reference"
     run(["nnUNetv2_predict", "-i", str(images), "-o", str(reference), "-d", DATASET_ID, "-c", CONFIG, "-tr",
-         model["trainer"], "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], model["env"], tmp_path)  # fmt: skip
+         model["trainer"], "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], model["env"],
+        tmp_path)  # fmt: skip
     for converted, dicom_case in pairs.items():
         ours = sitk.ReadImage(str(out / converted / "prediction.nii.gz"))
         theirs = sitk.ReadImage(str(reference / f"{converted}.nii.gz"))
@@ -240,24 +241,29 @@ def test_exported_zip_predicts_directly_and_after_installation_into_a_clean_resu
     zip_path = tmp_path / "model.zip"
     run(["nnUNetv2_export_model_to_zip", "-d", DATASET_ID, "-o", str(zip_path), "-c", CONFIG, "-tr",
          model["trainer"], "-f", "0"], model["env"], tmp_path)  # fmt: skip
-    expected = {c.name: sitk.GetArrayFromImage(sitk.ReadImage(str(c / "prediction.nii.gz")))
-                for c in _case_folders(dicom_out)}  # fmt: skip
+    case = _case_folders(dicom_out)[0]
+    uid = json.loads((case / "lesions.json").read_text())["input"]["pet_series_instance_uid"]
+    one = ["--series-uid", uid]  # one study, with mirroring TTA (nnU-Net's default)
 
-    code, _, stderr = predict([str(model["dicom_in"]), "-o", str(tmp_path / "from_zip"), "-m", str(zip_path)], capsys)
+    code, _, stderr = predict([str(model["dicom_in"]), "-o", str(tmp_path / "from_zip"), "-m", str(zip_path), *one],
+                              capsys)  # fmt: skip
     assert code == 0, stderr
-    assert not list(tmp_path.joinpath("from_zip").glob(".*")), "extracted model left in the output folder"
+    assert [p.name for p in tmp_path.joinpath("from_zip").iterdir()] == [case.name], "extracted model left behind"
 
     clean = tmp_path / "clean_results"
     clean.mkdir()
     run(["nnUNetv2_install_pretrained_model_from_zip", str(zip_path)], {**model["env"], "nnUNet_results": str(clean)},
         tmp_path)  # fmt: skip
     monkeypatch.setenv("nnUNet_results", str(clean))
-    code, _, stderr = predict([str(model["dicom_in"]), "-o", str(tmp_path / "installed"), *model_args(model)], capsys)
+    code, _, stderr = predict([str(model["dicom_in"]), "-o", str(tmp_path / "installed"), *model_args(model), *one],
+                              capsys)  # fmt: skip
     assert code == 0, stderr
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f / case.name / "prediction.nii.gz")))
+              for f in ("from_zip", "installed")]  # fmt: skip
+    assert np.array_equal(labels[0], labels[1])
     for folder in ("from_zip", "installed"):
-        for case, labels in expected.items():
-            got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / folder / case / "prediction.nii.gz")))
-            assert np.array_equal(got, labels), (folder, case)
+        report = json.loads((tmp_path / folder / case.name / "lesions.json").read_text())
+        assert report["model"]["mirroring"] is True and report["model"]["folds"] == [0]
 
 
 def _one_line_error(code: int, stderr: str, *needles: str) -> None:
