@@ -303,3 +303,57 @@ def test_rtstruct_with_a_contour_beyond_64_kilobytes_stays_ds_and_reads_back(loa
     assert len(contour.ContourData) * 8 > 65536 and contour.NumberOfContourPoints * 3 == len(contour.ContourData)
     image, _ = rasterize_rtstruct(path, reference, roi_pattern="^Lesion 1$")
     assert np.array_equal(sitk.GetArrayFromImage(image) > 0, instances == 1)
+
+
+def test_rtstruct_can_reference_the_ct_and_rasterizes_back_on_the_ct_grid(tmp_path):
+    """--rtstruct-reference ct: contours on the CT slices, every one naming a CT instance, and the ROIs
+    rasterized back on the CT grid equal the prediction taken onto the CT by nearest neighbour."""
+    from nnunetv2_l1dfl.conversion.dicom_series import read_ct_hu
+
+    write_study(tmp_path / "in" / "a")
+    discovery = discover_studies(tmp_path / "in")
+    label = (hand_made_labels() > 0).astype(np.uint8)
+    label[0, 0, 0:2] = 0  # keep the test to the two lesions inside both grids
+    label[11, 19, 23] = 0
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = run_batch(discovery.studies, lambda: FixedPredictor(label), spec(tmp_path), out,
+                        PredictOptions(rtstruct_reference="ct"), progress=False)  # fmt: skip
+    assert len(summary.done) == 1, summary.failed
+    case = out / summary.done[0]
+    report = json.loads((case / "lesions.json").read_text())
+    assert report["outputs"]["rtstruct.dcm"] == "written", report["outputs"]
+    ds = pydicom.dcmread(case / "rtstruct.dcm")
+    ct_files = sorted((tmp_path / "in" / "a" / "CT").iterdir())
+    ct_headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct_files]
+    ct_uids = {h.SOPInstanceUID for h in ct_headers}
+    series_ref = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert series_ref.SeriesInstanceUID == ct_headers[0].SeriesInstanceUID
+    for roi in ds.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            assert contour.ContourImageSequence[0].ReferencedSOPInstanceUID in ct_uids
+    ct = read_ct_hu(ct_files)
+    instances = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "lesions.nii.gz")))
+    instance_image = sitk.GetImageFromArray(instances.astype(np.uint32))
+    instance_image.CopyInformation(sitk.ReadImage(str(case / "prediction.nii.gz")))
+    on_ct = sitk.GetArrayFromImage(sitk.Resample(instance_image, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    n = int(instances.max())
+    assert n == 2 and [r.ROIName for r in ds.StructureSetROISequence] == ["Lesion 1", "Lesion 2"]
+    for k in range(1, n + 1):
+        image, _ = rasterize_rtstruct(case / "rtstruct.dcm", ct, roi_pattern=f"^Lesion {k}$")
+        got = sitk.GetArrayFromImage(image) > 0
+        assert got.any() and np.array_equal(got, on_ct == k)
+
+    # A lesion with no CT voxel (outside the CT's field of view): nothing written, the lesion named.
+    from nnunetv2_l1dfl.predict.runner import _write_rtstruct_on_ct
+
+    pet_grid = sitk.ReadImage(str(case / "prediction.nii.gz"))
+    small_ct = sitk.Image(10, 10, 4, sitk.sitkInt16)
+    small_ct.SetSpacing((2.0, 2.0, 2.0))
+    small_ct.SetOrigin((-42.0, -32.0, 99.0))  # covers x, y < -22 mm and z < 106 mm only
+    outside = np.zeros(SHAPE, dtype=np.uint8)
+    outside[0, 0, 0] = 1  # x -40, y -30, z 100: inside the small CT
+    outside[10, 15, 20] = 2  # z 130 mm: above it
+    loaded_small = SimpleNamespace(suv=pet_grid, ct=small_ct, study=SimpleNamespace(ct_files=()))
+    assert _write_rtstruct_on_ct(outside, 2, loaded_small, "c", tmp_path / "x.dcm") == [2]
+    assert not (tmp_path / "x.dcm").exists()

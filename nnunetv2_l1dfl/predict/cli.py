@@ -2,7 +2,7 @@
 
     l1dfl predict INPUT -o OUT (-d DATASET -c CONFIG -tr TRAINER [-p PLANS] [-f FOLDS ...] | -m MODEL_DIR_OR_ZIP)
                   [--device cuda|cpu|mps] [--disable-tta] [--save-probabilities] [-np N]
-                  [--output-types seg rtstruct nifti] [--overwrite] [--series-uid UID]
+                  [--output-types seg rtstruct nifti] [--overwrite] [--series-uid UID] [--rtstruct-reference pet|ct]
 
 Errors are one line (no traceback); the run ends with a one-line summary and exits 1 when any study
 failed (each failure listed with its reason), 2 when nothing could start (bad model, input or output).
@@ -58,7 +58,8 @@ def _predict_entry(args: argparse.Namespace) -> int:
             raise StudyError(f"-np must be >= 1, got {args.num_processes}")
         options = PredictOptions(output_types=types, save_probabilities=args.save_probabilities,
                                  overwrite=args.overwrite, num_workers=args.num_processes,
-                                 extra_half_lives=dict(args.nuclide or ()))
+                                 extra_half_lives=dict(args.nuclide or ()),
+                                 rtstruct_reference=args.rtstruct_reference)
         if discovery.skipped_files:
             print(f"{discovery.skipped_files} file(s) under {args.input} skipped while reading DICOM headers (-v lists them)")
         summary = run_batch(
@@ -116,6 +117,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="which image outputs to write (default: all the input allows; lesions.csv/json and mip.png "
                         "are always written)")
     parser.add_argument("--overwrite", action="store_true", help="predict finished studies again (replaced when complete)")
+    parser.add_argument("--rtstruct-reference", choices=("pet", "ct"), default="pet",
+                        help="the series rtstruct.dcm references and whose slices carry its contours: the PET (default; "
+                        "contours on the prediction's own grid) or the CT (the lesions taken onto the CT grid by nearest "
+                        "neighbour; a lesion with no CT voxel leaves no RTSTRUCT, said in lesions.json)")
     parser.add_argument("--series-uid", action="append", default=None, metavar="UID",
                         help="only the PET series with this SeriesInstanceUID (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

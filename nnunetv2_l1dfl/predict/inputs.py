@@ -193,10 +193,11 @@ class LoadedStudy:
     pet_headers: list[pydicom.Dataset] | None
     details: dict[str, Any]
     warnings: list[str]
+    ct: sitk.Image | None = None  # DICOM input: the CT on its own grid (for an RTSTRUCT referencing the CT)
 
 
-def _pet_headers_in_grid_order(files: Sequence[Path], suv: sitk.Image, case_id: str) -> list[pydicom.Dataset]:
-    """PET slice headers ordered by their z index on the SUV grid (checked: one slice per index)."""
+def headers_in_grid_order(files: Sequence[Path], grid: sitk.Image, case_id: str, what: str = "PET") -> list[pydicom.Dataset]:
+    """Slice headers of a series ordered by their z index on ``grid`` (checked: one slice per index)."""
     import numpy as np
     import pydicom
 
@@ -204,16 +205,16 @@ def _pet_headers_in_grid_order(files: Sequence[Path], suv: sitk.Image, case_id: 
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         position = [float(v) for v in ds.ImagePositionPatient]
-        index = np.asarray(suv.TransformPhysicalPointToContinuousIndex(position))
+        index = np.asarray(grid.TransformPhysicalPointToContinuousIndex(position))
         k = int(round(index[2]))
-        if np.abs(index - [0, 0, k]).max() > 1e-2 or k in by_index or not 0 <= k < suv.GetSize()[2]:
+        if np.abs(index - [0, 0, k]).max() > 1e-2 or k in by_index or not 0 <= k < grid.GetSize()[2]:
             raise StudyError(
                 f"case {case_id}: {path}: ImagePositionPatient (0020,0032) {position} is not a slice origin of the "
-                "PET grid (or repeats one)"
+                f"{what} grid (or repeats one)"
             )
         by_index[k] = ds
-    if len(by_index) != suv.GetSize()[2]:
-        raise StudyError(f"case {case_id}: {len(by_index)} PET slice headers for {suv.GetSize()[2]} slices")
+    if len(by_index) != grid.GetSize()[2]:
+        raise StudyError(f"case {case_id}: {len(by_index)} {what} slice headers for {grid.GetSize()[2]} slices")
     return [by_index[k] for k in range(len(by_index))]
 
 
@@ -259,7 +260,7 @@ def load_study(study: Study, work_dir: Path, file_ending: str = ".nii.gz",
     except (SUVError, DicomSeriesError, ConversionError) as e:
         message = str(e)
         raise StudyError(message if case in message else f"case {case}: {message}") from e
-    headers = _pet_headers_in_grid_order(study.pet_files, result.image, case)
+    headers = headers_in_grid_order(study.pet_files, result.image, case)
     import numpy as np
 
     for what, image in (("PET (SUV)", result.image), ("CT", ct_on_pet)):
@@ -280,4 +281,4 @@ def load_study(study: Study, work_dir: Path, file_ending: str = ".nii.gz",
         "suv_branch": result.branch,
         "tracer": result.details.get("tracer") or result.details.get("radionuclide") or "",
     }
-    return LoadedStudy(study, result.image, ct_path, pet_path, headers, details, [*study.warnings, *warnings])
+    return LoadedStudy(study, result.image, ct_path, pet_path, headers, details, [*study.warnings, *warnings], ct)

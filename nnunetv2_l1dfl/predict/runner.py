@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nnunetv2_l1dfl.predict.inputs import LoadedStudy, Study, StudyError, load_study
+from nnunetv2_l1dfl.predict.inputs import LoadedStudy, Study, StudyError, headers_in_grid_order, load_study
 from nnunetv2_l1dfl.predict.model import ModelSpec
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class PredictOptions:
     overwrite: bool = False
     num_workers: int = 1
     extra_half_lives: Mapping[str, float] = field(default_factory=dict)
+    rtstruct_reference: str = "pet"  # "ct": contours on the CT slices, referencing the CT series
 
 
 @dataclass
@@ -167,6 +168,12 @@ def write_study(
             if kind == "seg":
                 outputs.write_dicom_seg(label, headers, target / filename, _label_names(spec.labels), algorithm,
                                         f"nnunetv2-l1dfl {__version__}")
+            elif options.rtstruct_reference == "ct":
+                lost = _write_rtstruct_on_ct(instances, n, loaded, case, target / filename)
+                if lost:
+                    written[filename] = (f"not written: lesion(s) {', '.join(map(str, lost))} have no voxel on the "
+                                         "CT grid (outside the CT); --rtstruct-reference pet writes them")
+                    continue
             else:
                 outputs.write_rtstruct(instances, headers, loaded.suv, target / filename)
             written[filename] = "written"
@@ -290,3 +297,23 @@ def run_batch(
                     shutil.rmtree(future.result()[0], ignore_errors=True)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _write_rtstruct_on_ct(instances: np.ndarray, n: int, loaded: LoadedStudy, case: str, path: Path) -> list[int]:
+    """The RTSTRUCT on the CT slices: the instance map taken onto the CT grid by nearest neighbour (each CT
+    voxel gets the lesion whose PET voxel holds its centre) and contoured there, referencing the CT series.
+    Returns the lesions that have no CT voxel (then nothing is written), else []."""
+    import SimpleITK as sitk
+
+    from nnunetv2_l1dfl.predict import outputs
+
+    instance_image = sitk.GetImageFromArray(instances.astype(np.uint32))
+    instance_image.CopyInformation(loaded.suv)
+    on_ct = sitk.Resample(instance_image, loaded.ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt32)
+    instances_ct = sitk.GetArrayFromImage(on_ct)
+    present = np.bincount(instances_ct.ravel(), minlength=n + 1)
+    lost = [k for k in range(1, n + 1) if present[k] == 0]
+    if not lost:
+        ct_headers = headers_in_grid_order(loaded.study.ct_files, loaded.ct, case, "CT")
+        outputs.write_rtstruct(instances_ct, ct_headers, loaded.ct, path, series_description="Lesions on CT (l1dfl predict)")
+    return lost
