@@ -26,7 +26,7 @@ from nnunetv2_l1dfl.conversion.masks import rasterize_rtstruct
 from nnunetv2_l1dfl.evaluation.metrics import label_lesions
 from nnunetv2_l1dfl.evaluation.quantities import lesion_quantities
 from nnunetv2_l1dfl.predict import outputs
-from nnunetv2_l1dfl.predict.inputs import discover_studies, load_study
+from nnunetv2_l1dfl.predict.inputs import StudyError, discover_studies, load_study
 from nnunetv2_l1dfl.predict.model import ModelSpec
 from nnunetv2_l1dfl.predict.runner import PredictOptions, run_batch
 
@@ -271,6 +271,25 @@ def test_nifti_input_layout_and_missing_pet(tmp_path):
     discovery = discover_studies(folder)
     assert discovery.kind == "nifti" and [s.case_id for s in discovery.studies] == ["a"]
     assert "no PET channel b_0001" in discovery.failed["b"]
+
+
+def test_nifti_input_truncated_or_nan_pet_is_refused(tmp_path):
+    """SimpleITK zero-fills a truncated .nii.gz and reads NaN as 0: predict must refuse both, naming the file."""
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.random(SHAPE).astype(np.float32))
+    for name in ("a_0000", "a_0001", "b_0000", "b_0001"):
+        sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
+    data = (folder / "a_0001.nii.gz").read_bytes()
+    (folder / "a_0001.nii.gz").write_bytes(data[: len(data) // 2])
+    nan = sitk.GetArrayFromImage(image)
+    nan[3, 4, 5] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(nan), str(folder / "b_0001.nii.gz"))
+    studies = {s.case_id: s for s in discover_studies(folder).studies}
+    for case in ("a", "b"):
+        with pytest.raises(StudyError, match=f"{case}_0001.nii.gz"):
+            load_study(studies[case], tmp_path / "work")
 
 
 def test_rtstruct_with_a_contour_beyond_64_kilobytes_stays_ds_and_reads_back(loaded, tmp_path):

@@ -227,16 +227,20 @@ def load_study(study: Study, work_dir: Path, file_ending: str = ".nii.gz",
     from nnunetv2_l1dfl.conversion.dicom_series import DicomSeriesError, read_ct_hu
     from nnunetv2_l1dfl.conversion.errors import ConversionError
     from nnunetv2_l1dfl.conversion.geometry import geometry_mismatch
+    from nnunetv2_l1dfl.conversion.image_io import read_image
     from nnunetv2_l1dfl.conversion.resample import place_on_pet_grid
     from nnunetv2_l1dfl.conversion.suv import SUVError, read_pet_suv
 
     case = study.case_id
     if study.kind == "nifti":
-        try:
-            suv = sitk.ReadImage(str(study.pet_nifti), sitk.sitkFloat32)
+        try:  # read whole and finite: SimpleITK zero-fills a truncated file and turns NaN into 0
+            suv = sitk.Cast(read_image(study.pet_nifti, "PET (SUV)", case), sitk.sitkFloat32)
+            read_image(study.ct_nifti, "CT", case)  # nnU-Net reads it again later; checked here
             ct_header = sitk.ImageFileReader()
             ct_header.SetFileName(str(study.ct_nifti))
             ct_header.ReadImageInformation()
+        except ConversionError as e:
+            raise StudyError(str(e)) from e
         except RuntimeError as e:
             raise StudyError(f"case {case}: cannot read {study.pet_nifti.name} / {study.ct_nifti.name}: "
                              f"{str(e).strip().splitlines()[-1]}") from e
