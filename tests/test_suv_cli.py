@@ -44,8 +44,26 @@ def test_unreadable_mask_fails_before_any_output(tmp_path, pet_dir, capsys):
     out = tmp_path / "suv.nii.gz"
     assert main(["suv", str(pet_dir), str(out), "--mask", str(bad)]) == 2
     errors = _error_lines(capsys)
-    assert len(errors) == 1 and "cannot be read" in errors[0]
+    assert len(errors) == 1 and "--mask" in errors[0] and "mask.nii.gz" in errors[0], errors
     assert _leftovers(tmp_path) == ["mask.nii.gz"]
+
+
+def test_truncated_mask_fails_before_any_output(tmp_path, pet_dir, capsys):
+    """SimpleITK reads a truncated .nii.gz as if complete (zero-filled): the mask is read whole."""
+    reference = tmp_path / "grid" / "suv.nii.gz"
+    assert main(["suv", str(pet_dir), str(reference)]) == 0
+    mask = sitk.GetImageFromArray(np.random.default_rng(1).integers(0, 2, SHAPE).astype(np.uint8))
+    mask.CopyInformation(sitk.ReadImage(str(reference)))  # on the PET grid: only the truncation is wrong
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii"))  # uncompressed: cut into the voxel data
+    data = (tmp_path / "mask.nii").read_bytes()
+    (tmp_path / "mask.nii.gz").write_bytes(__import__("gzip").compress(data[: len(data) - 40]))
+    (tmp_path / "mask.nii").unlink()
+    capsys.readouterr()
+    out = tmp_path / "suv.nii.gz"
+    assert main(["suv", str(pet_dir), str(out), "--mask", str(tmp_path / "mask.nii.gz")]) == 2
+    errors = _error_lines(capsys)
+    assert len(errors) == 1 and "mask.nii.gz" in errors[0], errors
+    assert _leftovers(tmp_path) == ["grid", "mask.nii.gz"]
 
 
 def test_mask_on_another_grid_fails_before_any_output(tmp_path, pet_dir, capsys):

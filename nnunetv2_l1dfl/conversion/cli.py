@@ -306,7 +306,9 @@ def suv_entry(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
     from nnunetv2_l1dfl.conversion.dicom_series import discover_series
+    from nnunetv2_l1dfl.conversion.errors import ConversionError
     from nnunetv2_l1dfl.conversion.geometry import geometry_mismatch
+    from nnunetv2_l1dfl.conversion.image_io import read_image
     from nnunetv2_l1dfl.conversion.suv import SUVError, read_pet_suv
 
     out = Path(args.out)
@@ -332,11 +334,10 @@ def suv_entry(args: argparse.Namespace) -> int:
         if not Path(args.mask).is_file():
             print(f"error: --mask {args.mask} not found", file=sys.stderr)
             return 2
-        try:
-            mask = sitk.ReadImage(str(args.mask))
-        except RuntimeError as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-            print(f"error: --mask {args.mask} cannot be read: {reason}", file=sys.stderr)
+        try:  # whole and finite: SimpleITK zero-fills a truncated file
+            mask = read_image(args.mask, "--mask")
+        except ConversionError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
     series, skipped = discover_series(args.pet_series_dir)
     pets = [s for s in series if s.modality == "PT"]

@@ -880,8 +880,8 @@ def read_nifti_mask(path: Path, reference: sitk.Image, options: MaskOptions | No
     :func:`labels_from_image` for non-integer masks). A mask on the reference grid (within 1e-3 mm)
     gets the reference's exact geometry; any other grid is resampled with ``resample_mask_to``.
     """
-    import SimpleITK as sitk
+    from nnunetv2_l1dfl.conversion.image_io import read_image
 
     path = Path(path)
-    result = labels_from_image(sitk.ReadImage(str(path)), path, options)
+    result = labels_from_image(read_image(path, "mask"), path, options)
     return place_mask_on(result, reference, "reference").label
