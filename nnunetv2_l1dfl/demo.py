@@ -61,6 +61,10 @@ DEVICE_DEFAULTS = {
              "oversample": 0.33},
 }
 
+# progress.png is drawn every PLOT_EVERY epochs and at the last (drawing it after each of the CPU
+# demo's 7-second epochs cost about 1.4 s, a sixth of the training time).
+PLOT_EVERY = 5
+
 # Settings that must not change within one work folder (they change data or trained models).
 _FINGERPRINT_KEYS = ("cases", "heldout", "seed", "size", "dataset_id", "dataset_name", "configuration", "epochs",
                      "iterations", "val_iterations", "max_patch", "max_batch", "base_features", "oversample")
@@ -188,8 +192,11 @@ def subprocess_environment(work: WorkFolder, device: str) -> dict[str, str]:
     cpus = os.cpu_count() or 1
     # Data-augmentation workers, and nnU-Net's default process count: its export pool at validation
     # (8 processes by default, each importing torch: a minute on a 2-core machine) and the torch
-    # threads it predicts with.
-    env.setdefault("nnUNet_n_proc_DA", str(max(1, min(cpus - 1, 4 if device == "cpu" else 8))))
+    # threads it predicts with. Training on a CPU of 2 cores or fewer, augmentation runs in the
+    # training process (nnU-Net's SingleThreadedAugmenter for 0): a worker process only competes
+    # with the network for the cores (measured: 6.2 s vs 7.3 s per 25-step epoch, docs/demo.md).
+    da_workers = 0 if device == "cpu" and cpus <= 2 else max(1, min(cpus - 1, 4 if device == "cpu" else 8))
+    env.setdefault("nnUNet_n_proc_DA", str(da_workers))
     env.setdefault("nnUNet_def_n_proc", str(max(1, min(cpus, 4))))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TQDM_MININTERVAL", "5")
@@ -373,7 +380,8 @@ def _stage_convert(cfg: DemoConfig, work: WorkFolder, env: dict[str, str], progr
 def _stage_plan(cfg: DemoConfig, work: WorkFolder, env: dict[str, str], progress: Progress) -> dict[str, Any]:
     cmd = _python_entry("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "plan_and_preprocess_entry",
                         "nnUNetv2_plan_and_preprocess")
-    cmd += ["-d", str(cfg.dataset_id), "-c", cfg.configuration, "-np", "1", "-npfp", "1", "--verify_dataset_integrity"]
+    cmd += ["-d", str(cfg.dataset_id), "-c", cfg.configuration, "-np", str(cfg.workers), "-npfp", str(cfg.workers),
+            "--verify_dataset_integrity"]
     run_logged("plan", cmd, env, work.log("plan"),
                lambda line: line.strip() in ("Fingerprint extraction...", "Experiment planning...", "Preprocessing...")
                and progress.note(line.strip()))
@@ -492,7 +500,7 @@ def run_demo(cfg: DemoConfig, progress_enabled: bool = True) -> dict[str, Any]:
     work.create()
     names = write_schedule_trainers(work.trainers, num_epochs=cfg.epochs, iterations_per_epoch=cfg.iterations,
                                     val_iterations=cfg.val_iterations, suffix=SCHEDULE_SUFFIX, bases=BASE_TRAINERS,
-                                    oversample_foreground=cfg.oversample)
+                                    oversample_foreground=cfg.oversample, plot_every=PLOT_EVERY)
     trainers = [names[b] for b in BASE_TRAINERS]
     env = subprocess_environment(work, cfg.device)
 

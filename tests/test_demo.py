@@ -160,6 +160,15 @@ def test_work_folder_rules_and_environment(tmp_path, monkeypatch):
     ext = env["nnUNet_extTrainer"].split(os.pathsep)
     assert ext[0] == str(work.trainers) and ext[1].endswith("nnunet_trainers")
     assert 1 <= int(env["nnUNet_def_n_proc"]) <= 4
+    # Augmentation in the training process on a 2-core CPU, workers elsewhere; the user's setting wins.
+    monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert subprocess_environment(work, "cpu")["nnUNet_n_proc_DA"] == "0"
+    assert subprocess_environment(work, "cuda")["nnUNet_n_proc_DA"] == "1"
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert subprocess_environment(work, "cpu")["nnUNet_n_proc_DA"] == "4"
+    monkeypatch.setenv("nnUNet_n_proc_DA", "3")
+    assert subprocess_environment(work, "cpu")["nnUNet_n_proc_DA"] == "3"
 
 
 def test_cap_plans_keeps_a_consistent_topology(tmp_path):
@@ -231,3 +240,35 @@ def test_device_defaults_give_a_cpu_demo_that_can_learn_and_a_real_cuda_experime
     assert cpu["epochs"] * cpu["iterations"] >= 1000  # 500 steps of 16 slices barely started to learn
     assert cuda["configuration"] == "3d_fullres" and cuda["folds"] == [0, 1, 2, 3, 4]
     assert cuda["epochs"] * cuda["iterations"] >= 10 * cpu["epochs"] * cpu["iterations"]
+
+
+def test_progress_png_drawn_every_n_epochs_and_at_the_last(tmp_path):
+    from nnunetv2_l1dfl.training.schedules import plot_progress_every, write_schedule_trainers
+
+    drawn = []
+
+    class Logger:
+        def plot_progress_png(self, folder):
+            drawn.append((trainer.current_epoch, folder))
+
+    class Trainer:
+        logger, num_epochs, current_epoch = Logger(), 12, 0
+
+    trainer = Trainer()
+    plot_progress_every(trainer, 5)
+    for epoch in range(12):
+        trainer.current_epoch = epoch
+        trainer.logger.plot_progress_png("out")
+    assert [e for e, _ in drawn] == [4, 9, 11] and {f for _, f in drawn} == {"out"}
+    with pytest.raises(ValueError, match="every"):
+        plot_progress_every(Trainer(), 0)
+
+    module = tmp_path / "l1dfl_schedule_trainers_demo.py"
+    write_schedule_trainers(tmp_path, num_epochs=3, iterations_per_epoch=2, val_iterations=1, plot_every=5)
+    text = module.read_text()
+    assert "plot_progress_every(self, 5)" in text and "import plot_progress_every" in text
+    compile(text, str(module), "exec")
+    write_schedule_trainers(tmp_path, num_epochs=3, iterations_per_epoch=2, val_iterations=1)
+    assert "plot_progress_every" not in module.read_text()  # the default draws after every epoch, as nnU-Net
+    with pytest.raises(ValueError, match="plot_every"):
+        write_schedule_trainers(tmp_path, num_epochs=3, iterations_per_epoch=2, val_iterations=1, plot_every=0)
