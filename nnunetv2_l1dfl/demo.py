@@ -192,11 +192,8 @@ def subprocess_environment(work: WorkFolder, device: str) -> dict[str, str]:
     cpus = os.cpu_count() or 1
     # Data-augmentation workers, and nnU-Net's default process count: its export pool at validation
     # (8 processes by default, each importing torch: a minute on a 2-core machine) and the torch
-    # threads it predicts with. Training on a CPU of 2 cores or fewer, augmentation runs in the
-    # training process (nnU-Net's SingleThreadedAugmenter for 0): a worker process only competes
-    # with the network for the cores (measured: 6.2 s vs 7.3 s per 25-step epoch, docs/demo.md).
-    da_workers = 0 if device == "cpu" and cpus <= 2 else max(1, min(cpus - 1, 4 if device == "cpu" else 8))
-    env.setdefault("nnUNet_n_proc_DA", str(da_workers))
+    # threads it predicts with. (The training stage may lower it: training_environment.)
+    env.setdefault("nnUNet_n_proc_DA", str(max(1, min(cpus - 1, 4 if device == "cpu" else 8))))
     env.setdefault("nnUNet_def_n_proc", str(max(1, min(cpus, 4))))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TQDM_MININTERVAL", "5")
@@ -402,6 +399,19 @@ def _fold_finished(folder: Path) -> bool:
     return (folder / "checkpoint_final.pth").is_file() and (folder / "validation" / "summary.json").is_file()
 
 
+def training_environment(env: dict[str, str], device: str) -> dict[str, str]:
+    """``env`` for ``nnUNetv2_train``: on a CPU of 2 cores or fewer, augmentation in the training process.
+
+    ``nnUNet_n_proc_DA=0`` makes nnU-Net use its SingleThreadedAugmenter; a worker process would
+    only compete with the network for the two cores (measured 6.2 s vs 7.3 s per 25-step epoch of
+    the CPU demo, docs/demo.md). Only for training: nnU-Net's planner passes the same variable to
+    ``torch.set_num_threads``, which refuses 0. A value the user set is kept.
+    """
+    if device == "cpu" and (os.cpu_count() or 1) <= 2 and "nnUNet_n_proc_DA" not in os.environ:
+        return {**env, "nnUNet_n_proc_DA": "0"}
+    return env
+
+
 def _stage_train(cfg: DemoConfig, work: WorkFolder, env: dict[str, str], progress: Progress, trainer: str,
                  fold: int) -> dict[str, Any]:
     stage = f"train_{trainer}_fold{fold}"
@@ -424,7 +434,7 @@ def _stage_train(cfg: DemoConfig, work: WorkFolder, env: dict[str, str], progres
             elif m := predicting.search(line):
                 progress.note(f"{trainer} fold {fold}: validating {m.group(1)}")
 
-        run_logged(stage, cmd, env, work.log(stage), on_line)
+        run_logged(stage, cmd, training_environment(env, cfg.device), work.log(stage), on_line)
         if not _fold_finished(folder):
             raise DemoStageError(stage, work.log(stage), f"nnU-Net exited without checkpoint_final.pth and "
                                  f"validation/summary.json in {folder}")

@@ -160,15 +160,21 @@ def test_work_folder_rules_and_environment(tmp_path, monkeypatch):
     ext = env["nnUNet_extTrainer"].split(os.pathsep)
     assert ext[0] == str(work.trainers) and ext[1].endswith("nnunet_trainers")
     assert 1 <= int(env["nnUNet_def_n_proc"]) <= 4
-    # Augmentation in the training process on a 2-core CPU, workers elsewhere; the user's setting wins.
+    # Training on a 2-core CPU augments in the training process (0); planning keeps >= 1 (nnU-Net's
+    # planner hands the value to torch.set_num_threads); the user's setting wins.
+    from nnunetv2_l1dfl.demo import training_environment
+
     monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert subprocess_environment(work, "cpu")["nnUNet_n_proc_DA"] == "0"
-    assert subprocess_environment(work, "cuda")["nnUNet_n_proc_DA"] == "1"
+    env = subprocess_environment(work, "cpu")
+    assert env["nnUNet_n_proc_DA"] == "1" and training_environment(env, "cpu")["nnUNet_n_proc_DA"] == "0"
+    assert training_environment(env, "cuda")["nnUNet_n_proc_DA"] == "1"
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert subprocess_environment(work, "cpu")["nnUNet_n_proc_DA"] == "4"
+    env = subprocess_environment(work, "cpu")
+    assert env["nnUNet_n_proc_DA"] == "4" and training_environment(env, "cpu")["nnUNet_n_proc_DA"] == "4"
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setenv("nnUNet_n_proc_DA", "3")
-    assert subprocess_environment(work, "cpu")["nnUNet_n_proc_DA"] == "3"
+    assert training_environment(subprocess_environment(work, "cpu"), "cpu")["nnUNet_n_proc_DA"] == "3"
 
 
 def test_cap_plans_keeps_a_consistent_topology(tmp_path):
