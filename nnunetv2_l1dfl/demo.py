@@ -48,13 +48,14 @@ SCHEDULE_SUFFIX = "demo"
 
 #: Defaults per device. CPU: the 2d configuration (a 2d U-Net step costs a fraction of a 3d one on
 #: CPU, and each step sees a batch of whole slices), 8 slices per batch, half of them forced to hold
-#: a lesion, 1000 steps, sized for about 15 minutes on an idle 2-core machine. (With 16 slices and
+#: a lesion, 1125 steps (45 epochs of 25), measured at 13-14 minutes on an idle 2-core machine
+#: (docs/demo.md). (With 16 slices and
 #: 500 steps the stock trainer's train loss only turned negative, i.e. its Dice started to grow,
 #: after about 250 steps: the number of steps, not the slices per step, limits learning here; see
 #: docs/demo.md.) CUDA: nnU-Net's 3d_fullres plan, a small real experiment (five folds, 100 epochs of
 #: 100 iterations).
 DEVICE_DEFAULTS = {
-    "cpu": {"configuration": "2d", "cases": 20, "heldout": 2, "epochs": 40, "iterations": 25, "val_iterations": 1,
+    "cpu": {"configuration": "2d", "cases": 20, "heldout": 2, "epochs": 45, "iterations": 25, "val_iterations": 1,
             "folds": [0], "max_patch": 0, "max_batch": 8, "base_features": 16, "oversample": 0.5},
     "cuda": {"configuration": "3d_fullres", "cases": 60, "heldout": 4, "epochs": 100, "iterations": 100,
              "val_iterations": 10, "folds": [0, 1, 2, 3, 4], "max_patch": 0, "max_batch": 0, "base_features": 0,

@@ -158,6 +158,22 @@ def test_sbatch_scripts_set_the_environment_and_continue(tmp_path):
         assert f"'{job.trainer} {job.configuration} {job.fold}'  # {i}" in train
 
 
+def _processes_using(results: Path) -> list[str]:
+    """Command lines of live processes whose nnUNet_results is ``results`` (this test's, not a parallel one's)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if f"nnUNet_results={results}".encode() in environ:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
 @pytest.mark.slow
 def test_local_run_interrupted_and_rerun(tmp_path):
     """run: preprocess, 4 trainings one after the other on CPU, collect; Ctrl-C during the second
@@ -188,6 +204,7 @@ def test_local_run_interrupted_and_rerun(tmp_path):
     try:
         wait_for(lambda: training_done(first) and (second / "checkpoint_latest.pth").is_file(), 1200,
                  "the first training to finish and the second to write a checkpoint")
+        assert _processes_using(experiment.nnunet_results), "the check below would see no training"
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -196,8 +213,8 @@ def test_local_run_interrupted_and_rerun(tmp_path):
     assert proc.returncode == 130, out
     assert "interrupted" in out and "Run the same command again" in out
     assert not training_done(second)
-    leftovers = subprocess.run(["pgrep", "-f", "_xp -p nnUNetPlans"], capture_output=True, text=True).stdout
-    assert not leftovers.strip(), f"training processes left after Ctrl-C: {leftovers}"
+    leftovers = _processes_using(experiment.nnunet_results)
+    assert not leftovers, f"training processes left after Ctrl-C: {leftovers}"
     first_final = (first / "checkpoint_final.pth").stat().st_mtime
     epochs_before = training_progress(second).epochs_done
     assert epochs_before >= 1
