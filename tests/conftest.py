@@ -19,10 +19,18 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
+#: The end-to-end files, longest first (each 3-6 minutes on a 2-core machine; docs/performance.md).
+#: With ``--no-loadscope-reorder`` (pyproject.toml) xdist hands files to workers in collection order,
+#: so these start first and the many short files fill the gaps instead of one long file running alone
+#: at the end.
+LONG_FILES = ("test_predict.py", "test_experiment.py", "test_nnunet_integration.py", "test_demo.py",
+              "test_experiment_slurm.py", "test_conversion_dicom.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with slow (end-to-end) tests first, so that parallel workers do not wait for one at the end."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within a file is kept
+    """The long end-to-end files first, so that parallel workers do not wait for one at the end."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
 
 
 @pytest.fixture(scope="session")
