@@ -59,7 +59,7 @@ setup(
         "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "monai>=1.3", "ruff>=0.4", "pingouin>=0.5", "statsmodels>=0.14"],
+        "test": ["pytest>=7", "pytest-xdist>=3.8", "monai>=1.3", "ruff>=0.4", "pingouin>=0.5", "statsmodels>=0.14"],
     },
     entry_points={"console_scripts": ["l1dfl = nnunetv2_l1dfl.cli:main"]},
     cmdclass={"build_py": BuildPyWithTrainerHook},

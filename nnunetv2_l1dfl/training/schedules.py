@@ -41,7 +41,7 @@ def plot_progress_every(trainer: Any, every: int) -> None:
     """Make ``trainer`` draw nnU-Net's ``progress.png`` only every ``every`` epochs and at its last epoch.
 
     nnU-Net's ``on_epoch_end`` redraws the whole figure after every epoch; with epochs of a few
-    seconds (the CPU demo) that is a fifth of the training time. The logged values are unchanged
+    seconds (the CPU demo) that is about a sixth of the training time. The logged values are unchanged
     and the final figure shows every epoch. Call after ``nnUNetTrainer.__init__`` (it wraps the
     logger's ``plot_progress_png``; ``load_checkpoint`` keeps the logger object, so a continued
     training keeps the rule).
